@@ -1,0 +1,15 @@
+"""
+RetinaMask (Fu, Shvets, Berg 2019) for detectron2. Importing this package registers its
+meta-architecture, anchor matcher and box regression losses.
+"""
+from .build import (
+    ANCHOR_MATCHER_REGISTRY,
+    BOX_REG_LOSS_REGISTRY,
+    build_anchor_matcher,
+    build_box_reg_loss,
+)
+from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
+from .config import add_retinamask_config
+from .matcher import BestMatchMatcher
+
+__version__ = "0.1.0"

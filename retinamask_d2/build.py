@@ -1,0 +1,49 @@
+from detectron2.utils.registry import Registry
+
+__all__ = [
+    "ANCHOR_MATCHER_REGISTRY",
+    "BOX_REG_LOSS_REGISTRY",
+    "build_anchor_matcher",
+    "build_box_reg_loss",
+]
+
+ANCHOR_MATCHER_REGISTRY = Registry("ANCHOR_MATCHER")
+ANCHOR_MATCHER_REGISTRY.__doc__ = """
+Registry for anchor matchers, which label anchors by their IoU with the ground truth.
+The registered object is called with a config and must behave like
+:class:`detectron2.modeling.matcher.Matcher`: same call signature, same return values.
+"""
+
+BOX_REG_LOSS_REGISTRY = Registry("BOX_REG_LOSS")
+BOX_REG_LOSS_REGISTRY.__doc__ = """
+Registry for box regression losses. The registered object is called with a config and returns
+an ``nn.Module`` whose forward takes ``(pred_deltas, gt_deltas, fg_mask)`` and returns the loss
+summed over the foreground elements.
+"""
+
+
+def _build(registry: Registry, key: str, name: str, cfg):
+    if name not in registry:
+        registered = ", ".join(sorted(k for k, _ in registry))
+        raise KeyError(
+            f"{key} = {name!r} is not registered in the {registry._name} registry; "
+            f"registered names are: {registered}. Fix the spelling in the config, or import "
+            f"the module that registers {name!r} before building the model."
+        )
+    return registry.get(name)(cfg)
+
+
+def build_anchor_matcher(cfg):
+    """
+    Build the anchor matcher named by ``cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME``.
+    """
+    key = "MODEL.RETINAMASK.ANCHOR_MATCHER.NAME"
+    return _build(ANCHOR_MATCHER_REGISTRY, key, cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME, cfg)
+
+
+def build_box_reg_loss(cfg):
+    """
+    Build the box regression loss named by ``cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME``.
+    """
+    key = "MODEL.RETINAMASK.BOX_REG_LOSS.NAME"
+    return _build(BOX_REG_LOSS_REGISTRY, key, cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME, cfg)

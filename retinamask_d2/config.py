@@ -1,0 +1,39 @@
+from detectron2.config import CfgNode as CN
+
+
+def add_retinamask_config(cfg):
+    """
+    Add the config keys of RetinaMask (Fu, Shvets, Berg 2019) under ``MODEL.RETINAMASK``.
+    Everything else (backbone, anchors, focal loss, inference thresholds, the mask head's
+    convolutions) keeps its place in detectron2's own config.
+    """
+    _C = cfg
+    _C.MODEL.RETINAMASK = CN()
+
+    # Sec. 3.1: anchor assignment. "BestMatchMatcher" applies the RetinaNet IoU thresholds of
+    # MODEL.RETINANET.IOU_THRESHOLDS and then gives every ground truth its best-matching anchors.
+    _C.MODEL.RETINAMASK.ANCHOR_MATCHER = CN()
+    _C.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME = "BestMatchMatcher"
+    # Sec. 3.1, Table 1: a ground truth's best anchors become positive when their IoU is strictly
+    # greater than this. 0.0 (any overlap) was best; 0.5 or more is plain RetinaNet matching.
+    _C.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD = 0.0
+
+    # Sec. 3.2: box regression loss, "SelfAdjustingSmoothL1Loss" or the fixed "SmoothL1Loss".
+    _C.MODEL.RETINAMASK.BOX_REG_LOSS = CN()
+    _C.MODEL.RETINAMASK.BOX_REG_LOSS.NAME = "SelfAdjustingSmoothL1Loss"
+    # Sec. 3.4, Eq. 2, Table 2: the upper clamp bound beta-hat of the self-adjusting loss
+    # (0.11 was best); for the fixed SmoothL1Loss, its beta.
+    _C.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.11
+    # Sec. 3.2, Eq. 2: momentum m of the running mean and variance of |x|.
+    _C.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.9
+
+    # Sec. 3.4: number of the detector's own top detections (after NMS) used as mask proposals
+    # per training image; the ground-truth boxes are added to them.
+    _C.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN = 100
+    # Mask proposals with IoU at least this to a ground truth are trained on that object's mask.
+    _C.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD = 0.5
+    # Sec. 3.3, Table 3: FPN levels the mask head pools from (Eq. 3 picks one per proposal).
+    _C.MODEL.RETINAMASK.MASK_IN_FEATURES = ["p3", "p4", "p5"]
+    # Sec. 3.5: masks are predicted for this many top detections at test time, and only those
+    # detections are returned when MODEL.MASK_ON; <= 0 predicts masks for all detections.
+    _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50

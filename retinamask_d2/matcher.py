@@ -1,0 +1,80 @@
+from typing import List
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.modeling.matcher import Matcher
+
+from .build import ANCHOR_MATCHER_REGISTRY
+
+__all__ = ["BestMatchMatcher"]
+
+@ANCHOR_MATCHER_REGISTRY.register()
+class BestMatchMatcher(Matcher):
+    """
+    RetinaNet anchor matching plus the best-matching policy of RetinaMask (Sec. 3.1).
+
+    Anchors are first labelled by the IoU thresholds exactly as :class:`Matcher` does without
+    low-quality matches. Then, for every ground truth, the anchors whose IoU with it equals its
+    highest IoU over all anchors (ties included) become positive for it, when that IoU is
+    strictly greater than ``best_match_threshold``. This only adds positives: an anchor already
+    positive keeps its object. An anchor that is the best match of several ground truths is
+    given the one it overlaps most.
+
+    Unlike ``Matcher(allow_low_quality_matches=True)``, a ground truth that overlaps no anchor
+    (a zero-area box, a box outside the image) adds nothing, instead of making every anchor
+    with IoU 0 positive, and a promoted anchor is matched to the ground truth it is the best
+    anchor of, not to its overall argmax.
+    """
+
+    @configurable
+    def __init__(
+        self, thresholds: List[float], labels: List[int], *, best_match_threshold: float = 0.0
+    ):
+        """
+        Args:
+            thresholds, labels: as in :class:`Matcher`, e.g. ``[0.4, 0.5]`` and ``[0, -1, 1]``.
+            best_match_threshold (float): best-matching anchors of a ground truth become
+                positive if their IoU is strictly greater than this. A value >= the positive
+                IoU threshold makes this plain threshold matching.
+        """
+        super().__init__(thresholds, labels, allow_low_quality_matches=False)
+        if best_match_threshold < 0:
+            raise ValueError(
+                f"best_match_threshold must be >= 0, got {best_match_threshold}; "
+                "0.0 makes any nonzero overlap a best match."
+            )
+        self.best_match_threshold = best_match_threshold
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {
+            "thresholds": list(cfg.MODEL.RETINANET.IOU_THRESHOLDS),
+            "labels": list(cfg.MODEL.RETINANET.IOU_LABELS),
+            "best_match_threshold": cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD,
+        }
+
+    def __call__(self, match_quality_matrix: torch.Tensor):
+        """
+        Args:
+            match_quality_matrix (Tensor): (M, N) IoU between M ground truths and N anchors.
+
+        Returns:
+            matches (Tensor[int64]): (N,), the ground truth index in [0, M) of each anchor.
+            match_labels (Tensor[int8]): (N,), 1 positive, 0 negative, -1 ignored.
+        """
+        matches, match_labels = super().__call__(match_quality_matrix)
+        if match_quality_matrix.numel() == 0:
+            return matches, match_labels
+
+        best_per_gt = match_quality_matrix.max(dim=1, keepdim=True).values  # (M, 1)
+        # IoU >= 0, so a row of zeros never passes the strict comparison: no anchor is promoted
+        # for a ground truth that overlaps nothing.
+        is_best = (match_quality_matrix == best_per_gt) & (best_per_gt > self.best_match_threshold)
+        _, best_gt = torch.where(
+            is_best, match_quality_matrix, match_quality_matrix.new_tensor(-1.0)
+        ).max(dim=0)
+        promote = is_best.any(dim=0) & (match_labels != 1)
+        matches = torch.where(promote, best_gt, matches)
+        match_labels = torch.where(promote, torch.ones_like(match_labels), match_labels)
+        return matches, match_labels

@@ -1,0 +1,54 @@
+import os
+import shutil
+from os import path
+
+from setuptools import find_packages, setup
+
+HERE = path.dirname(path.realpath(__file__))
+
+
+def _link_configs():
+    """
+    Put the top-level ``configs/`` inside the package, so that an installed wheel finds them
+    (``retinamask_d2/configs``). A symlink keeps one copy in the source tree.
+    """
+    source = path.join(HERE, "configs")
+    destination = path.join(HERE, "retinamask_d2", "configs")
+    if not path.isdir(source):
+        return
+    if path.islink(destination):
+        os.unlink(destination)
+    elif path.isdir(destination):
+        shutil.rmtree(destination)
+    try:
+        os.symlink(source, destination)
+    except OSError:
+        shutil.copytree(source, destination)
+
+
+_link_configs()
+
+setup(
+    name="retinamask_d2",
+    version="0.1.0",
+    description="RetinaMask (RetinaNet trained with a mask head, best matching and "
+    "self-adjusting smooth L1) as a detectron2 extension",
+    long_description=open(path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=("tests", "tests.*")),
+    package_data={"retinamask_d2": ["configs/*.yaml", "configs/**/*.yaml"]},
+    python_requires=">=3.9",
+    # detectron2 is not on PyPI: install it from source first (see README.md).
+    install_requires=[
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "pycocotools>=2.0.2",
+        "opencv-python-headless>=4.5",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+    },
+)

@@ -11,5 +11,6 @@ from .build import (
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import add_retinamask_config
 from .matcher import BestMatchMatcher
+from .retinamask import RetinaMask
 
 __version__ = "0.1.0"

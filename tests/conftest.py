@@ -1,0 +1,41 @@
+import os
+import sys
+
+import pytest
+
+from detectron2.config import get_cfg
+
+# Tests run against the source tree, with or without `pip install -e .`.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from retinamask_d2 import add_retinamask_config  # noqa: E402
+
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def load_config(name, *opts):
+    """A shipped config with ``opts`` merged, on the CPU and without pretrained weights."""
+    cfg = get_cfg()
+    add_retinamask_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
+    return cfg
+
+
+# A ResNet-18 variant of retinamask_R50_1x.yaml with narrow FPN and heads: same code paths,
+# a fraction of the compute.
+SMALL_MODEL_OPTS = [
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+    "MODEL.RETINANET.NUM_CLASSES", 3,
+    "INPUT.MIN_SIZE_TEST", 128,
+    "INPUT.MAX_SIZE_TEST", 160,
+]  # fmt: skip
+
+
+@pytest.fixture
+def small_cfg():
+    return load_config("retinamask_R50_1x.yaml", *SMALL_MODEL_OPTS)

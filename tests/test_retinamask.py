@@ -1,0 +1,268 @@
+import copy
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import RetinaNet, build_model
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+from conftest import SMALL_MODEL_OPTS, load_config
+from retinamask_d2 import RetinaMask, SelfAdjustingSmoothL1Loss
+
+H, W = 128, 160
+
+
+def _rect(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def _instances(boxes, classes, with_masks=True):
+    inst = Instances((H, W))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    if with_masks and len(boxes):
+        inst.gt_masks = PolygonMasks([_rect(*b) for b in boxes])
+    return inst
+
+
+def _batch(*instances, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.rand(3, H, W, generator=g) * 255, "instances": inst}
+        for inst in instances
+    ]
+
+
+def _train_step(model, batch):
+    model.train()
+    with EventStorage():
+        return model(batch)
+
+
+SHIPPED_MODELS = [
+    "retinamask_R50.yaml",
+    "retinamask_R50_1x.yaml",
+    "retinamask_R101.yaml",
+    "retinamask_R101_GN.yaml",
+    "retinamask_X101_32x8d_GN.yaml",
+    "retinanet_R50_1x.yaml",
+]
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_shipped_config_trains_one_step(name):
+    cfg = load_config(name, "MODEL.RETINANET.NUM_CLASSES", 3)
+    model = build_model(cfg)
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    losses = _train_step(model, batch)
+    expected = {"loss_cls", "loss_box_reg"}
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaMask":
+        assert isinstance(model, RetinaMask) and model.mask_on
+        expected.add("loss_mask")
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+
+    def has_grad(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert has_grad(model.backbone.bottom_up)
+    assert has_grad(model.head.bbox_subnet) and has_grad(model.head.cls_subnet)
+    if "loss_mask" in expected:
+        assert has_grad(model.mask_head)
+
+
+def test_mask_loss_trains_the_shared_features(small_cfg):
+    model = build_model(small_cfg)
+    losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
+    losses["loss_mask"].backward()
+    # Sec. 3.3: the mask head pools from P3-P5, so its loss reaches the FPN and the backbone,
+    # but not the detection head.
+    assert model.backbone.fpn_output3.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None for p in model.backbone.bottom_up.res5.parameters())
+    assert all(p.grad is None for p in model.head.parameters())
+
+
+@pytest.mark.parametrize(
+    "instances",
+    [
+        pytest.param(lambda: [_instances([], []), _instances([], [])], id="no-objects"),
+        pytest.param(
+            lambda: [_instances([], []), _instances([[10, 10, 60, 50]], [0])],
+            id="one-image-without-objects",
+        ),
+        pytest.param(
+            lambda: [_instances([[30, 30, 30, 80], [10, 10, 60, 50]], [1, 0])], id="zero-area"
+        ),
+        pytest.param(lambda: [_instances([[5, 60, 155, 67.5]], [2])], id="aspect-1:20"),
+        pytest.param(
+            lambda: [_instances([[0, 0, W, H], [2, 2, 4, 4]], [0, 1])], id="huge-and-tiny"
+        ),
+    ],
+)
+def test_degenerate_inputs_give_finite_losses(small_cfg, instances):
+    model = build_model(small_cfg)
+    losses = _train_step(model, _batch(*instances()))
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    total = sum(losses.values())
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_no_detection_survives_the_score_threshold(small_cfg):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 1.0
+    model = build_model(small_cfg)
+    batch = _batch(_instances([[10, 10, 60, 50]], [1]), _instances([], []))
+    proposals = model._detect_mask_proposals(
+        *_dense_outputs(model, batch), [(H, W), (H, W)]
+    )
+    assert [len(p) for p in proposals] == [0, 0]
+    losses = _train_step(model, batch)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+
+
+def _dense_outputs(model, batch):
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    logits, deltas = model._transpose_dense_predictions(
+        model.head(features), [model.num_classes, 4]
+    )
+    return model.anchor_generator(features), logits, deltas
+
+
+def test_mask_proposals_are_the_top_detections(small_cfg):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN = 7
+    model = build_model(small_cfg)
+    batch = _batch(_instances([[10, 10, 60, 50]], [1]))
+    anchors, logits, deltas = _dense_outputs(model, batch)
+    proposals = model._detect_mask_proposals(anchors, logits, deltas, [(H, W)])
+    assert len(proposals[0]) == 7
+    assert not proposals[0].scores.requires_grad
+    # The same detections as inference, truncated.
+    model.eval()
+    detections = model.inference_single_image(
+        anchors, [x[0].sigmoid() for x in logits], [x[0] for x in deltas], (H, W)
+    )
+    torch.testing.assert_close(proposals[0].pred_boxes.tensor, detections.pred_boxes.tensor[:7])
+
+
+def _inference(model, image):
+    model.eval()
+    with torch.no_grad():
+        return model([{"image": image, "height": 2 * H, "width": 2 * W}])[0]["instances"]
+
+
+def test_inference_returns_masks_for_the_top_50(small_cfg):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # an untrained model scores ~0.01
+    model = build_model(small_cfg)
+    image = torch.rand(3, H, W) * 255
+    out = _inference(model, image)
+    assert len(out) == 50
+    assert out.pred_masks.shape == (50, 2 * H, 2 * W)
+    assert out.pred_masks.dtype == torch.bool
+    assert torch.all(out.scores[:-1] >= out.scores[1:])
+
+    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 0
+    model_all = build_model(small_cfg)
+    model_all.load_state_dict(model.state_dict())
+    assert len(_inference(model_all, image)) == 100
+
+    small_cfg.MODEL.MASK_ON = False
+    box_only = build_model(small_cfg)
+    box_only.load_state_dict(model.state_dict(), strict=False)
+    out = _inference(box_only, image)
+    assert len(out) == 100 and not out.has("pred_masks")
+
+
+def _real_image(path):
+    """A picture with a few filled shapes, written to and read back from disk."""
+    img = np.full((H, W, 3), 200, np.uint8)
+    cv2.circle(img, (40, 40), 25, (20, 120, 220), -1)
+    cv2.rectangle(img, (80, 60), (150, 110), (30, 200, 40), -1)
+    cv2.line(img, (10, 100), (70, 120), (0, 0, 0), 3)
+    cv2.imwrite(str(path), img)
+    return read_image(str(path), format="BGR")
+
+
+def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    retinamask = build_model(small_cfg)
+    # A few training steps so that the loss statistics and weights are not at their defaults.
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    opt = torch.optim.SGD(retinamask.parameters(), lr=0.01)
+    for _ in range(2):
+        sum(_train_step(retinamask, batch).values()).backward()
+        opt.step()
+        opt.zero_grad()
+    checkpointer = DetectionCheckpointer(retinamask, save_dir=str(tmp_path))
+    checkpointer.save("model_final")
+    weights = str(tmp_path / "model_final.pth")
+
+    box_cfg = small_cfg.clone()
+    box_cfg.MODEL.MASK_ON = False
+    box_only = build_model(box_cfg)
+    incompatible = DetectionCheckpointer(box_only)._load_model(torch.load(weights))
+    assert incompatible.missing_keys == []
+    assert {k.split(".")[0] for k in incompatible.unexpected_keys} == {"mask_head"}
+
+    stock_cfg = box_cfg.clone()
+    stock_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    stock = build_model(stock_cfg)
+    assert type(stock) is RetinaNet
+    incompatible = DetectionCheckpointer(stock)._load_model(torch.load(weights))
+    assert incompatible.missing_keys == []
+    assert {k.split(".")[0] for k in incompatible.unexpected_keys} == {
+        "mask_head",
+        "box_reg_loss",
+        "loss_normalizer",
+    }
+
+    image = torch.as_tensor(_real_image(tmp_path / "shapes.png").transpose(2, 0, 1).copy())
+    a, b = _inference(box_only, image.float()), _inference(stock, image.float())
+    assert len(a) == 100
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
+    assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_loss_statistics_are_in_the_checkpoint(small_cfg):
+    model = build_model(small_cfg)
+    assert isinstance(model.box_reg_loss, SelfAdjustingSmoothL1Loss)
+    _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
+    state = model.state_dict()
+    assert not torch.equal(state["box_reg_loss.running_mean"], torch.full((4,), 0.11))
+    restored = build_model(small_cfg)
+    restored.load_state_dict(copy.deepcopy(state))
+    assert torch.equal(restored.box_reg_loss.beta, model.box_reg_loss.beta)
+    assert torch.equal(restored.loss_normalizer, model.loss_normalizer)
+
+
+def test_default_predictor_with_a_saved_checkpoint(small_cfg, tmp_path):
+    model = build_model(small_cfg)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    small_cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    predictor = DefaultPredictor(small_cfg)
+    image = _real_image(tmp_path / "shapes.png")
+    out = predictor(image)["instances"]
+    assert isinstance(out, Instances)
+    assert out.image_size == (H, W)
+    assert 0 < len(out) <= 50
+    assert out.pred_masks.shape[1:] == (H, W)
+    for p_loaded, p_saved in zip(predictor.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(p_loaded, p_saved)
+
+
+def test_mask_on_without_mask_annotations_is_a_clear_error(small_cfg):
+    model = build_model(small_cfg)
+    with pytest.raises(ValueError, match="MODEL.MASK_ON False"):
+        _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1], with_masks=False)))

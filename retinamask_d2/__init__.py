@@ -1,6 +1,6 @@
 """
 RetinaMask (Fu, Shvets, Berg 2019) for detectron2. Importing this package registers its
-meta-architecture, anchor matcher and box regression losses.
+meta-architecture, anchor matcher and box regression losses, and the synthetic_shapes datasets.
 """
 from .build import (
     ANCHOR_MATCHER_REGISTRY,
@@ -12,5 +12,7 @@ from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import add_retinamask_config
 from .matcher import BestMatchMatcher
 from .retinamask import RetinaMask
+
+from . import data as _  # only registration of the synthetic_shapes datasets
 
 __version__ = "0.1.0"

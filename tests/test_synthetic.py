@@ -1,0 +1,337 @@
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.evaluation import COCOEvaluator
+from pycocotools import mask as mask_utils
+
+from retinamask_d2.data import (
+    SYNTHETIC_SHAPES_CLASSES,
+    SYNTHETIC_SHAPES_NUM_CLASSES,
+    ensure_synthetic_dataset,
+    generate_synthetic_shapes,
+    is_synthetic_split_complete,
+    load_checked_dataset,
+    register_synthetic_shapes,
+    synthetic_shapes_split_dir,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _generate(directory, num_images=6, seed=0, split="val"):
+    return generate_synthetic_shapes(
+        str(directory), split=split, num_images=num_images, image_size=128, seed=seed
+    )
+
+
+def _files(split_dir):
+    names = sorted(os.listdir(os.path.join(split_dir, "images")))
+    return {name: open(os.path.join(split_dir, "images", name), "rb").read() for name in names}
+
+
+def _subprocess_env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A 24-image split, its directory and parsed JSON, shared by the read-only tests."""
+    split_dir = str(tmp_path_factory.mktemp("shared") / "val")
+    json_file = _generate(split_dir, num_images=24)
+    with open(json_file) as f:
+        return split_dir, json.load(f)
+
+
+@pytest.fixture
+def restore_default_registration():
+    yield
+    register_synthetic_shapes()
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    first = _generate(tmp_path / "a" / "val")
+    second = _generate(tmp_path / "b" / "val")
+    assert open(first, "rb").read() == open(second, "rb").read()
+    assert _files(tmp_path / "a" / "val") == _files(tmp_path / "b" / "val")
+
+
+def test_different_seed_or_split_differs(tmp_path):
+    base = open(_generate(tmp_path / "a" / "val"), "rb").read()
+    assert open(_generate(tmp_path / "b" / "val", seed=1), "rb").read() != base
+    other_split = json.load(open(_generate(tmp_path / "c" / "val", split="train")))
+    assert other_split["annotations"] != json.loads(base)["annotations"]
+
+
+def test_coco_fields(dataset):
+    split_dir, data = dataset
+    assert [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])] == list(
+        SYNTHETIC_SHAPES_CLASSES
+    )
+    assert len(data["images"]) == 24
+    for image in data["images"]:
+        decoded = cv2.imread(os.path.join(split_dir, "images", image["file_name"]))
+        assert decoded.shape == (image["height"], image["width"], 3)
+    ids = [a["id"] for a in data["annotations"]]
+    assert len(set(ids)) == len(ids)
+    assert all(a["iscrowd"] == 0 for a in data["annotations"])
+    assert {a["category_id"] for a in data["annotations"]} == set(
+        range(1, SYNTHETIC_SHAPES_NUM_CLASSES + 1)
+    )
+    assert "time" not in json.dumps(data.get("info", {})).lower()
+
+
+def test_polygons_boxes_and_areas_agree(dataset):
+    _, data = dataset
+    sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
+    visible = {image_id: np.zeros(size, dtype=int) for image_id, size in sizes.items()}
+    for annotation in data["annotations"]:
+        height, width = sizes[annotation["image_id"]]
+        assert all(len(p) >= 6 and len(p) % 2 == 0 for p in annotation["segmentation"])
+        rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], height, width))
+        assert abs(float(mask_utils.area(rle)) - annotation["area"]) <= 2
+        np.testing.assert_allclose(mask_utils.toBbox(rle), annotation["bbox"], atol=1.0)
+        visible[annotation["image_id"]] += mask_utils.decode(rle)
+    # Visible regions of different objects do not overlap: occluded parts were cut away.
+    assert all(v.max() <= 1 for v in visible.values())
+
+
+def test_annotations_match_drawn_pixels(dataset):
+    # Each object is one color (plus a gentle ramp and noise), distinct from the objects it
+    # touches: pixels inside a mask are close to the mask's median color, just outside mostly not.
+    split_dir, data = dataset
+    image = data["images"][0]
+    pixels = cv2.imread(os.path.join(split_dir, "images", image["file_name"])).astype(float)
+    for annotation in data["annotations"]:
+        if annotation["image_id"] != image["id"] or annotation["area"] < 100:
+            continue
+        rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], 128, 128))
+        mask = mask_utils.decode(rle).astype(bool)
+        color = np.median(pixels[mask], axis=0)
+        inside = np.linalg.norm(pixels[mask] - color, axis=1)
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
+        outside = np.linalg.norm(pixels[ring] - color, axis=1)
+        assert np.median(inside) < 30 < np.median(outside)
+
+
+def test_thin_bars_are_present(dataset):
+    _, data = dataset
+    bar_id = SYNTHETIC_SHAPES_CLASSES.index("bar") + 1
+    bars = [a for a in data["annotations"] if a["category_id"] == bar_id]
+    assert len(bars) >= 10
+    rotated_aspects, box_aspects = [], []
+    for bar in bars:
+        points = np.concatenate([np.reshape(p, (-1, 2)) for p in bar["segmentation"]]).astype(
+            np.float32
+        )
+        (_, _), (w, h), _ = cv2.minAreaRect(points)
+        rotated_aspects.append(max(w, h) / max(min(w, h), 1e-6))
+        _, _, bw, bh = bar["bbox"]
+        box_aspects.append(max(bw, bh) / min(bw, bh))
+    # Even after occlusion and truncation every bar stays at least 8:1; the axis-aligned ones
+    # have such boxes too, which is where RetinaNet's IoU matching leaves them without anchors.
+    assert min(rotated_aspects) >= 8
+    assert max(box_aspects) >= 8
+    assert min(box_aspects) < 8  # some are at an angle
+
+
+def test_killed_generation_is_not_used_and_rerun_completes(tmp_path):
+    root = str(tmp_path)
+    split_dir = synthetic_shapes_split_dir("val", root)
+    script = textwrap.dedent(f"""
+        from retinamask_d2.data import ensure_synthetic_dataset
+        ensure_synthetic_dataset("val", {root!r}, num_images=100000)
+        """)
+    process = subprocess.Popen([sys.executable, "-c", script], env=_subprocess_env(), cwd=REPO_ROOT)
+    try:
+        pattern = os.path.join(
+            root, "synthetic_shapes", ".val.incomplete.*", "val", "images", "*.png"
+        )
+        deadline = time.time() + 120
+        while len(glob.glob(pattern)) < 3:
+            assert process.poll() is None, "generation ended before it could be interrupted"
+            assert time.time() < deadline, "generation did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    leftovers = glob.glob(os.path.join(root, "synthetic_shapes", ".val.incomplete.*"))
+    assert len(leftovers) == 1
+    assert not os.path.exists(split_dir)
+    assert not is_synthetic_split_complete(split_dir, split="val", num_images=100000)
+
+    json_file, image_root = ensure_synthetic_dataset("val", root, num_images=5)
+    assert is_synthetic_split_complete(split_dir, split="val", num_images=5)
+    assert len(json.load(open(json_file))["images"]) == 5 == len(os.listdir(image_root))
+    # The killed process's temporary directory is cleaned up by the rerun.
+    assert not os.path.exists(leftovers[0])
+
+
+def test_other_parameters_regenerate_and_foreign_directory_is_kept(tmp_path):
+    root = str(tmp_path)
+    ensure_synthetic_dataset("val", root, num_images=3)
+    json_file, _ = ensure_synthetic_dataset("val", root, num_images=4)
+    assert len(json.load(open(json_file))["images"]) == 4
+
+    foreign = synthetic_shapes_split_dir("train", root)
+    os.makedirs(foreign)
+    open(os.path.join(foreign, "notes.txt"), "w").close()
+    with pytest.raises(FileExistsError, match="not a synthetic_shapes split"):
+        ensure_synthetic_dataset("train", root, num_images=3)
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_import_registers_without_generating(tmp_path):
+    script = textwrap.dedent("""
+        import retinamask_d2.data
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+        assert "synthetic_shapes_train" in DatasetCatalog.list()
+        print(MetadataCatalog.get("synthetic_shapes_val").json_file)
+        """)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_subprocess_env(DETECTRON2_DATASETS=str(tmp_path)),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == os.path.join(
+        str(tmp_path), "synthetic_shapes", "val", "instances.json"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def test_registered_split_loads_from_given_root(tmp_path, restore_default_registration):
+    register_synthetic_shapes(str(tmp_path), num_images={"train": 4, "val": 3})
+    register_synthetic_shapes(str(tmp_path), num_images={"train": 4, "val": 3})  # no error
+
+    dicts = DatasetCatalog.get("synthetic_shapes_val")
+    assert len(dicts) == 3
+    assert all(os.path.isfile(d["file_name"]) for d in dicts)
+    assert all(
+        0 <= a["category_id"] < SYNTHETIC_SHAPES_NUM_CLASSES
+        for d in dicts
+        for a in d["annotations"]
+    )
+
+    metadata = MetadataCatalog.get("synthetic_shapes_val")
+    assert metadata.evaluator_type == "coco"
+    assert metadata.thing_classes == list(SYNTHETIC_SHAPES_CLASSES)
+    assert metadata.json_file.startswith(str(tmp_path))
+    COCOEvaluator("synthetic_shapes_val", output_dir=None)  # reads metadata.json_file
+
+    assert len(load_checked_dataset("synthetic_shapes_val", SYNTHETIC_SHAPES_NUM_CLASSES)) == 3
+    assert not os.path.exists(synthetic_shapes_split_dir("train", str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# load_checked_dataset on bad input.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def register_bad(tmp_path, dataset):
+    """Register a COCO-format dataset written by the test; unregistered afterwards."""
+    split_dir, data = dataset
+    names = []
+
+    def register(content, image_root=None):
+        name = f"bad_input_{len(names)}"
+        json_file = str(tmp_path / f"{name}.json")
+        with open(json_file, "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content))
+        register_coco_instances(
+            name, {}, json_file, image_root or os.path.join(split_dir, "images")
+        )
+        names.append(name)
+        return name, json_file
+
+    register.data = data
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_checks_json_that_does_not_parse(register_bad):
+    name, json_file = register_bad('{"images": [\n  {"id": 1,}\n]}')
+    with pytest.raises(ValueError, match=r"bad_input_0\.json.*not valid JSON.*line 2, column"):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_missing_json(register_bad, tmp_path):
+    name, json_file = register_bad("{}")
+    os.remove(json_file)
+    with pytest.raises(
+        FileNotFoundError, match=r"bad_input_0\.json of dataset .bad_input_0. does not exist"
+    ):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_dataset_without_images(register_bad):
+    name, _ = register_bad(
+        {"images": [], "annotations": [], "categories": register_bad.data["categories"]}
+    )
+    with pytest.raises(ValueError, match=r"has no images.*bad_input_0\.json"):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_missing_and_empty_image_files(register_bad, tmp_path):
+    data = dict(register_bad.data, images=[dict(i) for i in register_bad.data["images"][:3]])
+    data["images"][1]["file_name"] = "does_not_exist.png"
+    name, _ = register_bad(data)
+    with pytest.raises(FileNotFoundError, match=r"missing: .*does_not_exist\.png"):
+        load_checked_dataset(name, 5)
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    data["images"][1]["file_name"] = str(tmp_path / "empty.png")
+    name, _ = register_bad(data)
+    with pytest.raises(FileNotFoundError, match=r"empty: .*empty\.png"):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_first_image_decodes(register_bad, tmp_path):
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    data = dict(register_bad.data, images=[dict(i) for i in register_bad.data["images"][:2]])
+    data["images"][0]["file_name"] = str(tmp_path / "garbage.png")
+    name, _ = register_bad(data)
+    with pytest.raises(ValueError, match=r"garbage\.png.*cannot be decoded"):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_category_ids(register_bad):
+    name, _ = register_bad(register_bad.data)
+    with pytest.raises(
+        ValueError, match=r"category id [34] .*outside \[0, 3\).*MODEL\.RETINANET\.NUM_CLASSES"
+    ):
+        load_checked_dataset(name, 3)
+    assert len(load_checked_dataset(name, 5)) == 24
+
+    data = dict(register_bad.data, annotations=[dict(a) for a in register_bad.data["annotations"]])
+    data["annotations"][0]["category_id"] = 99
+    name, _ = register_bad(data)
+    with pytest.raises(ValueError, match=r"bad_input_1\.json.*category_id=99"):
+        load_checked_dataset(name, 5)
+
+
+def test_checks_unregistered_name():
+    with pytest.raises(KeyError, match="not registered"):
+        load_checked_dataset("no_such_dataset", 5)

@@ -14,5 +14,6 @@ from .matcher import BestMatchMatcher
 from .retinamask import RetinaMask
 
 from . import data as _  # only registration of the synthetic_shapes datasets
+from . import model_zoo  # registers the retinamask:// path prefix
 
 __version__ = "0.1.0"

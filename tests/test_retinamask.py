@@ -266,3 +266,25 @@ def test_mask_on_without_mask_annotations_is_a_clear_error(small_cfg):
     model = build_model(small_cfg)
     with pytest.raises(ValueError, match="MODEL.MASK_ON False"):
         _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1], with_masks=False)))
+
+
+def test_box_only_costs_exactly_what_retinanet_costs(small_cfg):
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.MASK_ON = False
+    box_only = build_model(small_cfg).eval()
+    stock_cfg = small_cfg.clone()
+    stock_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    stock = build_model(stock_cfg).eval()
+    inputs = [{"image": torch.rand(3, H, W) * 255}]
+    flops = []
+    for model in (box_only, stock):
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(model, inputs)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            flops.append(analysis.by_operator())
+    assert sum(flops[0].values()) > 0
+    assert flops[0] == flops[1]
+    params = [sum(p.numel() for p in m.parameters()) for m in (box_only, stock)]
+    assert params[0] == params[1]

@@ -8,8 +8,10 @@ memory. On a shared machine the ratios to RetinaNet are the result, not the abso
     python3 tools/benchmark.py --config-file configs/synthetic/retinamask_synthetic.yaml \
         --weights output/synthetic/model_final.pth --dataset synthetic_shapes_val
 
-Without --weights the models share one random initialization and the score threshold is set to
-0, so every image gives the full 100 detections and the mask head runs on its maximum of 50.
+Without --weights the models share one random initialization whose frozen BatchNorm statistics
+are calibrated on the first input (so activations have the scale of a trained network), and the
+score threshold is 0: every image gives the full 100 detections and the mask head runs on its
+maximum of 50.
 """
 import argparse
 import copy
@@ -28,6 +30,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.analysis import FlopCountAnalysis
@@ -77,12 +80,39 @@ def build_cfg(args, overrides):
     return cfg
 
 
+@torch.no_grad()
+def calibrate_frozen_bn(model, image):
+    """
+    Set every frozen BatchNorm's statistics to those of its input on ``image``. Without
+    pretrained weights, identity statistics let activations grow through the residual blocks
+    until every box is huge and NMS leaves a handful of detections.
+    """
+
+    def set_statistics(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    handles = [
+        m.register_forward_pre_hook(set_statistics)
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
+    model.eval()
+    model([image])
+    for handle in handles:
+        handle.remove()
+
+
 def build_models(args, names=tuple(VARIANTS)):
     """The models named, with identical weights wherever they share a parameter."""
     torch.manual_seed(0)
-    reference = build_model(build_cfg(args, VARIANTS["RetinaMask masks"]))
+    cfg = build_cfg(args, VARIANTS["RetinaMask masks"])
+    reference = build_model(cfg)
     if args.weights:
         DetectionCheckpointer(reference).load(args.weights)
+    else:
+        calibrate_frozen_bn(reference, make_inputs(args, cfg)[0][0])
     state = reference.state_dict()
     del reference
     models = {}

@@ -1,0 +1,436 @@
+"""
+train_net.py end to end on the CPU: training with COCO evaluation, resuming after SIGKILL,
+two-process training, clear errors for bad input, and checkpoints that are never half-written.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+
+import train_net
+from conftest import CONFIG_DIR, REPO_ROOT
+from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
+from retinamask_d2.data import ensure_synthetic_dataset, register_synthetic_shapes
+
+CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")
+
+# The shipped synthetic config on a short schedule: small batches, a short warmup, no
+# evaluation during training, fixed seed. Checkpoints are ~100 MB, so they are written rarely.
+FAST_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "SEED", "1",
+    "SOLVER.IMS_PER_BATCH", "4",
+    "SOLVER.WARMUP_ITERS", "10",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+SUBPROCESS_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    """$DETECTRON2_DATASETS holding the default synthetic_shapes splits, generated once."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    ensure_synthetic_dataset("train", root)
+    ensure_synthetic_dataset("val", root)
+    return root
+
+
+@pytest.fixture
+def registered_in_process(datasets_root, monkeypatch):
+    """The synthetic_shapes datasets of this process read from datasets_root."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", datasets_root)
+    register_synthetic_shapes(datasets_root)
+    yield
+    monkeypatch.undo()
+    register_synthetic_shapes()
+
+
+def _env(datasets_root):
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _train_net(datasets_root, *args, **popen_kwargs):
+    return subprocess.Popen(
+        [sys.executable, "train_net.py", "--config-file", CONFIG, *args],
+        cwd=REPO_ROOT,
+        env=_env(datasets_root),
+        **popen_kwargs,
+    )
+
+
+def _parse_args(*argv):
+    return default_argument_parser().parse_args(["--config-file", CONFIG, *map(str, argv)])
+
+
+def _load(path):
+    # Files this test wrote; trainer state holds more than tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training, checkpointing and evaluation, as the README's command runs them.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_checkpoint_and_evaluate(datasets_root, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _train_net(
+        datasets_root,
+        "--num-gpus", "1",
+        *FAST_OPTS,
+        "OUTPUT_DIR", out,
+        "SOLVER.MAX_ITER", "40",
+        "SOLVER.CHECKPOINT_PERIOD", "20",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    log, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, log[-5000:]
+
+    # metrics.json has one record per 20 iterations (median-smoothed losses), then the
+    # evaluation results.
+    records = _metrics(out)
+    losses = [r["total_loss"] for r in records if "total_loss" in r]
+    assert len(losses) == 2 and losses[-1] < losses[0], records
+    training = [r for r in records if "total_loss" in r]
+    assert all(k in training[-1] for k in ("loss_cls", "loss_box_reg", "loss_mask"))
+    assert all(f"box_reg_beta/{c}" in training[-1] for c in ("dx", "dy", "dw", "dh"))
+
+    for name in ("model_0000019.pth", "model_final.pth"):
+        assert os.path.isfile(os.path.join(out, name)), os.listdir(out)
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read() == "model_final.pth"
+    final = _load(os.path.join(out, "model_final.pth"))
+    assert final["iteration"] == 39
+    assert "optimizer" in final["trainer"]["_trainer"] and "LRScheduler" in final["trainer"]["hooks"]
+    assert "box_reg_loss.running_mean" in final["model"] and "loss_normalizer" in final["model"]
+    assert not torch.equal(final["model"]["box_reg_loss.running_mean"], torch.full((4,), 0.11))
+
+    # COCOEvaluator's bbox and segm tables are in the log and their numbers in metrics.json.
+    for task in ("bbox", "segm"):
+        assert f"copypaste: Task: {task}" in log
+        assert 0 <= records[-1][f"{task}/AP"] <= 100
+    assert os.path.isfile(os.path.join(out, "inference", "coco_instances_results.json"))
+    assert not glob.glob(os.path.join(out, ".*.partial"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming after SIGKILL.
+# ------------------------------------------------------------------------------------------------
+
+
+def _loss_statistics(state_dict):
+    return {
+        k: state_dict[k].clone()
+        for k in ("box_reg_loss.running_mean", "box_reg_loss.running_var", "loss_normalizer")
+    }
+
+
+def test_resume_after_sigkill(datasets_root, registered_in_process, tmp_path):
+    out = str(tmp_path / "out")
+    opts = [*FAST_OPTS, "OUTPUT_DIR", out, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 5]
+    # Far more iterations than the test waits for: the run is killed, it never ends.
+    proc = _train_net(
+        datasets_root,
+        "--num-gpus", "1", *map(str, opts), "SOLVER.MAX_ITER", "100000",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        last_checkpoint = os.path.join(out, "last_checkpoint")
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not os.path.exists(last_checkpoint):
+            assert proc.poll() is None, f"training exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    with open(last_checkpoint) as f:
+        saved_file = os.path.join(out, f.read())
+    saved = _load(saved_file)
+    iteration = saved["iteration"]
+    assert (iteration + 1) % 5 == 0
+
+    # train_net.main, step by step, to look at the state training resumes with.
+    args = _parse_args("--resume", *opts, "SOLVER.MAX_ITER", iteration + 4)
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+
+    assert trainer.start_iter == iteration + 1
+    restored = trainer.model.state_dict()
+    for name, value in _loss_statistics(saved["model"]).items():
+        assert torch.equal(restored[name], value), name
+    assert not torch.equal(restored["box_reg_loss.running_mean"], torch.full((4,), 0.11))
+    assert trainer.scheduler.last_epoch == iteration + 1
+    saved_momentum = saved["trainer"]["_trainer"]["optimizer"]["state"]
+    momentum = trainer.optimizer.state_dict()["state"]
+    assert saved_momentum and momentum.keys() == saved_momentum.keys()
+    assert all(
+        torch.equal(momentum[k]["momentum_buffer"], v["momentum_buffer"])
+        for k, v in saved_momentum.items()
+    )
+
+    trainer.train()
+    final = _load(os.path.join(out, "model_final.pth"))
+    assert final["iteration"] == iteration + 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes on the CPU.
+# ------------------------------------------------------------------------------------------------
+
+# train_net's setup and Trainer under detectron2's launch, as `train_net.py --num-gpus 2` runs
+# them; each rank then saves what its replica ended with.
+_TWO_PROCESS_WORKER = textwrap.dedent(
+    """
+    import os
+    import torch
+    from detectron2.engine import default_argument_parser, launch
+    from detectron2.utils import comm
+
+    import train_net
+
+
+    def worker(args):
+        cfg = train_net.setup(args)
+        trainer = train_net.Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+        torch.save(
+            {
+                "world_size": comm.get_world_size(),
+                "ddp": hasattr(trainer.model, "module"),
+                "iteration": trainer.iter,
+                "beta": model.box_reg_loss.beta,
+                "running_mean": model.box_reg_loss.running_mean,
+                "running_var": model.box_reg_loss.running_var,
+                "weights": model.head.bbox_pred.weight.detach(),
+            },
+            os.path.join(cfg.OUTPUT_DIR, f"rank{comm.get_rank()}.pth"),
+        )
+
+
+    if __name__ == "__main__":
+        args = default_argument_parser().parse_args()
+        launch(worker, args.num_gpus, dist_url="auto", args=(args,))
+    """
+)
+
+
+def test_two_processes_share_the_self_adjusting_beta(datasets_root, tmp_path):
+    out = str(tmp_path / "out")
+    script = tmp_path / "two_process_worker.py"
+    script.write_text(_TWO_PROCESS_WORKER)
+    result = subprocess.run(
+        [
+            sys.executable, str(script), "--config-file", CONFIG, "--num-gpus", "2",
+            *FAST_OPTS, "OUTPUT_DIR", out, "DATASETS.TEST", "()",
+            "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "100",
+        ],
+        cwd=REPO_ROOT,
+        env=_env(datasets_root),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    ranks = [_load(os.path.join(out, f"rank{r}.pth")) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["ddp"] and rank["iteration"] == 8
+    # Each replica saw different images, yet both hold the statistics of the whole batch.
+    for key in ("beta", "running_mean", "running_var", "weights"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert not torch.equal(ranks[0]["running_mean"], torch.full((4,), 0.11))
+    # Only the main process writes checkpoints.
+    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_missing_config_file_is_named():
+    args = _parse_args()
+    args.config_file = "configs/synthetic/retinamask_synthtic.yaml"
+    with pytest.raises(FileNotFoundError, match="retinamask_synthtic.yaml.*does not exist"):
+        train_net.setup(args)
+
+
+@pytest.fixture
+def bad_dataset(datasets_root, tmp_path):
+    """Registers a COCO dataset with a given JSON text; unregistered afterwards."""
+    val_dir = os.path.join(datasets_root, "synthetic_shapes", "val")
+    with open(os.path.join(val_dir, "instances.json")) as f:
+        good = json.load(f)
+    name = "train_net_bad_input"
+
+    def register(content, image_root=os.path.join(val_dir, "images")):
+        json_file = str(tmp_path / "bad.json")
+        with open(json_file, "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content))
+        register_coco_instances(name, {}, json_file, image_root)
+        return name, json_file
+
+    register.good = good
+    yield register
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def _edit(data, **images_or_annotations):
+    data = json.loads(json.dumps(data))
+    data.update(images_or_annotations)
+    return data
+
+
+def _bad_inputs(tmp_path, good):
+    corrupt_dir = tmp_path / "corrupt"
+    corrupt_dir.mkdir()
+    (corrupt_dir / good["images"][0]["file_name"]).write_bytes(b"not a png")
+    out_of_range = json.loads(json.dumps(good))
+    out_of_range["annotations"][0]["category_id"] = 9
+    out_of_range["categories"].append({"id": 9, "name": "extra", "supercategory": "shape"})
+    missing = json.loads(json.dumps(good))
+    missing["images"][1]["file_name"] = "no_such_image.png"
+    first_image_only = _edit(
+        good,
+        images=good["images"][:1],
+        annotations=[a for a in good["annotations"] if a["image_id"] == good["images"][0]["id"]],
+    )
+    return {
+        "json does not parse": ('{"images": [', None, ValueError, "bad.json.*not valid JSON"),
+        "no images": (_edit(good, images=[], annotations=[]), None, ValueError, "no images"),
+        "missing image": (missing, None, FileNotFoundError, "are missing: .*no_such_image.png"),
+        "image does not decode": (first_image_only, str(corrupt_dir), ValueError, "000000.png.*decoded"),
+        "category out of range": (out_of_range, None, ValueError, "NUM_CLASSES"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "json does not parse",
+        "no images",
+        "missing image",
+        "image does not decode",
+        "category out of range",
+    ],
+)
+def test_bad_training_data_is_named_before_training(case, bad_dataset, tmp_path):
+    content, image_root, error, message = _bad_inputs(tmp_path, bad_dataset.good)[case]
+    name, _ = bad_dataset(content, *([image_root] if image_root else []))
+    args = _parse_args(
+        *FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", "DATASETS.TRAIN", f"('{name}',)"
+    )
+    with pytest.raises(error, match=message):
+        train_net.main(args)
+
+
+def test_bad_test_data_is_named_before_evaluation(bad_dataset, tmp_path):
+    name, _ = bad_dataset('{"images": [')
+    cfg = train_net.setup(_parse_args(*FAST_OPTS, "OUTPUT_DIR", tmp_path / "out"))
+    with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
+        train_net.Trainer.build_test_loader(cfg, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# AtomicDetectionCheckpointer: a checkpoint is never half-written where last_checkpoint points.
+# ------------------------------------------------------------------------------------------------
+
+# Saves the same name over and over, each time with every weight equal to the iteration, the
+# case where fvcore's in-place writes leave last_checkpoint pointing at a truncated file.
+_SAVE_FOREVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
+
+    model = torch.nn.Linear(1024, 4096)
+    checkpointer = AtomicDetectionCheckpointer(model, sys.argv[1])
+    iteration = 0
+    while True:
+        with torch.no_grad():
+            model.weight.fill_(iteration)
+        checkpointer.save("model_final", iteration=iteration)
+        print(iteration, flush=True)
+        iteration += 1
+    """
+)
+
+
+def test_checkpoint_killed_while_saving_keeps_the_last_complete_one(tmp_path):
+    script = tmp_path / "save_forever.py"
+    script.write_text(_SAVE_FOREVER)
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Kills land at different points of a save: while torch.save writes, during fsync, between
+    # the two renames.
+    for delay in (0.0, 0.013, 0.029, 0.047):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(save_dir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout.readline(), "the saving process died"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+        with open(save_dir / "last_checkpoint") as f:
+            assert f.read() == "model_final.pth"
+        saved = _load(save_dir / "model_final.pth")
+        assert torch.all(saved["model"]["weight"] == saved["iteration"])
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = AtomicDetectionCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_final", iteration=1)
+    before = (tmp_path / "model_final.pth").read_bytes()
+
+    with pytest.raises(Exception):
+        # A lambda cannot be pickled: torch.save fails after it has started writing.
+        checkpointer.save("model_final", iteration=2, broken=lambda: None)
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
+
+    # A temporary file left by a killed save is removed by the next save.
+    (tmp_path / ".model_0000009.pth.abc.partial").write_bytes(b"trunc")
+    checkpointer.save("model_0000009", iteration=9)
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint", "model_0000009.pth", "model_final.pth"
+    ]  # fmt: skip
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")

@@ -146,7 +146,7 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
-        "--max-iter", type=int, default=120,
+        "--max-iter", type=int, default=400,
         help="iterations of every run; SOLVER.STEPS and WARMUP_ITERS are scaled along",
     )  # fmt: skip
     parser.add_argument("--output", default="output/ablation")

@@ -17,6 +17,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from retinamask_d2 import add_retinamask_config
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
@@ -85,6 +86,9 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup logs detectron2 and fvcore only; this package's messages (dataset
+    # generation progress among them) go to the same console and log file.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinamask_d2")
     return cfg
 
 

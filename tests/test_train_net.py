@@ -4,6 +4,7 @@ two-process training, clear errors for bad input, and checkpoints that are never
 """
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -274,6 +275,14 @@ def test_two_processes_share_the_self_adjusting_beta(datasets_root, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Bad input.
 # ------------------------------------------------------------------------------------------------
+
+
+def test_package_messages_reach_the_log(tmp_path):
+    out = tmp_path / "out"
+    train_net.setup(_parse_args("OUTPUT_DIR", out))
+    # As the synthetic dataset's generator reports its progress.
+    logging.getLogger("retinamask_d2.data.synthetic").info("generating synthetic_shapes_train")
+    assert "generating synthetic_shapes_train" in (out / "log.txt").read_text()
 
 
 def test_missing_config_file_is_named():

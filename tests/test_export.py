@@ -12,7 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import CONFIG_DIR, REPO_ROOT, load_config
+from conftest import CONFIG_DIR, load_config
 from retinamask_d2.export import GRAPH_TOLERANCE, _inference_before_postprocess, main
 
 CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou

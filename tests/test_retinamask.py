@@ -12,7 +12,7 @@ from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from conftest import SMALL_MODEL_OPTS, load_config
+from conftest import load_config
 from retinamask_d2 import RetinaMask, SelfAdjustingSmoothL1Loss
 
 H, W = 128, 160

@@ -46,6 +46,8 @@ setup(
         "iopath>=0.1.7",
         "pycocotools>=2.0.2",
         "opencv-python-headless>=4.5",
+        # Downloads the authors' released checkpoints from Google Drive (model zoo).
+        "gdown>=6.5",
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -1,6 +1,7 @@
 """
 RetinaMask (Fu, Shvets, Berg 2019) for detectron2. Importing this package registers its
-meta-architecture, anchor matcher and box regression losses, and the synthetic_shapes datasets.
+meta-architecture, anchor matcher, box regression losses, the backbone and anchor generator
+of the authors' released models, and the synthetic_shapes datasets.
 """
 from .build import (
     ANCHOR_MATCHER_REGISTRY,
@@ -11,6 +12,7 @@ from .build import (
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import add_retinamask_config
 from .matcher import BestMatchMatcher
+from .original import DetectronAnchorGenerator, build_retinamask_resnet_fpn_backbone
 from .retinamask import RetinaMask
 
 from . import data as _  # only registration of the synthetic_shapes datasets

@@ -56,12 +56,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         self._remove_partial_files()
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _write_atomically(save_file, "wb", lambda f: torch.save(data, f))
+        write_atomically(save_file, "wb", lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         save_file = os.path.join(self.save_dir, "last_checkpoint")
-        _write_atomically(save_file, "w", lambda f: f.write(last_filename_basename))
+        write_atomically(save_file, "w", lambda f: f.write(last_filename_basename))
 
     def _remove_partial_files(self) -> None:
         # Only the main process saves into save_dir, so a temporary file found here was left by
@@ -73,7 +73,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 pass
 
 
-def _write_atomically(path: str, mode: str, write) -> None:
+def write_atomically(path: str, mode: str, write) -> None:
     """
     Call ``write(f)`` on a temporary file next to ``path`` and rename it to ``path`` once it
     is on disk. ``path`` either keeps its old contents or gets the complete new ones.

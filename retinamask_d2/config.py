@@ -37,3 +37,14 @@ def add_retinamask_config(cfg):
     # Sec. 3.5: masks are predicted for this many top detections at test time, and only those
     # detections are returned when MODEL.MASK_ON; <= 0 predicts masks for all detections.
     _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50
+
+    # Compatibility with the reference implementation's released models (configs/original/):
+    # build_retinamask_resnet_fpn_backbone computes P6 from this feature, "p5" as the reference
+    # does, "res5" as detectron2's RetinaNet does.
+    _C.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE = "p5"
+    # With MODEL.FPN.NORM set, build_retinamask_resnet_fpn_backbone keeps the FPN convolutions'
+    # biases, as the reference's GroupNorm FPN does (detectron2 drops them).
+    _C.MODEL.RETINAMASK.FPN_CONV_BIAS = True
+    # Clip decoded boxes to the image before NMS, as the reference does (detectron2's
+    # RetinaNet clips after NMS, when the detections are resized to the input image).
+    _C.MODEL.RETINAMASK.CLIP_BOXES_BEFORE_NMS = False

@@ -45,6 +45,7 @@ class RetinaMask(RetinaNet):
         num_mask_proposals_train: int = 100,
         mask_fg_iou_threshold: float = 0.5,
         num_masks_test: int = 50,
+        clip_boxes_before_nms: bool = False,
         **kwargs,
     ):
         """
@@ -62,6 +63,8 @@ class RetinaMask(RetinaNet):
                 truth is trained on that object's mask; the others are dropped.
             num_masks_test (int): at test time, masks are predicted for this many top
                 detections, and only those are returned; <= 0 means all detections.
+            clip_boxes_before_nms (bool): clip the decoded boxes to the image before NMS, as
+                the reference implementation does.
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -80,6 +83,7 @@ class RetinaMask(RetinaNet):
         self.mask_in_features = list(mask_in_features)
         self.num_mask_proposals_train = num_mask_proposals_train
         self.num_masks_test = num_masks_test
+        self.clip_boxes_before_nms = clip_boxes_before_nms
         self.mask_proposal_matcher = Matcher(
             [mask_fg_iou_threshold], [0, 1], allow_low_quality_matches=False
         )
@@ -96,6 +100,7 @@ class RetinaMask(RetinaNet):
         ret["num_mask_proposals_train"] = cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
         ret["num_masks_test"] = cfg.MODEL.RETINAMASK.NUM_MASKS_TEST
+        ret["clip_boxes_before_nms"] = cfg.MODEL.RETINAMASK.CLIP_BOXES_BEFORE_NMS
         if cfg.MODEL.MASK_ON:
             ret.update(cls._init_mask_branch(cfg, ret["backbone"].output_shape()))
         return ret
@@ -178,6 +183,14 @@ class RetinaMask(RetinaNet):
             "loss_cls": loss_cls / normalizer,
             "loss_box_reg": loss_box_reg / normalizer,
         }
+
+    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args, **kwargs):
+        pred = super()._decode_per_level_predictions(
+            anchors, pred_scores, pred_deltas, *args, **kwargs
+        )
+        if self.clip_boxes_before_nms:
+            pred.pred_boxes.clip(pred.image_size)
+        return pred
 
     @torch.no_grad()
     def _detect_mask_proposals(self, anchors, pred_logits, pred_anchor_deltas, image_sizes):

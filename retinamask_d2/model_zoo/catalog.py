@@ -16,10 +16,15 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from iopath.common.file_io import file_lock, get_cache_dir
+
 from detectron2.utils.file_io import PathHandler, PathManager
 
 __all__ = [
     "MODEL_ZOO_URL_ENV",
+    "ORIGINAL_URL_ENV",
+    "ORIGINAL_MODELS",
+    "OriginalModel",
     "DOWNLOAD_TIMEOUT_ENV",
     "Checkpoint",
     "ModelZooCatalog",
@@ -36,6 +41,10 @@ logger = logging.getLogger(__name__)
 MODEL_ZOO_URL_ENV = "RETINAMASK_MODEL_ZOO_URL"
 # Seconds a download may wait on a silent server before it fails (default 60).
 DOWNLOAD_TIMEOUT_ENV = "RETINAMASK_DOWNLOAD_TIMEOUT"
+
+# Where the authors' released checkpoints are downloaded from: Google Drive by default; a mirror
+# that serves them as <URL>/<Drive file id> when set.
+ORIGINAL_URL_ENV = "RETINAMASK_ORIGINAL_URL"
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -154,6 +163,102 @@ class ModelZooCatalog:
         return None
 
 
+@dataclass(frozen=True)
+class OriginalModel:
+    """
+    A model released by the authors (chengyangfu/retinamask README), with their COCO test-dev
+    figures and inference times (seconds per image on an Nvidia 1080 Ti).
+    """
+
+    drive_id: str
+    box_ap: float
+    mask_ap: float
+    box_time: float
+    mask_time: float
+
+
+# config name -> the authors' release; its checkpoint is retinamask://original/<name>.pth.
+ORIGINAL_MODELS: Dict[str, OriginalModel] = {
+    "original/retinamask_R50.yaml": OriginalModel(
+        "17QnkNoibgzRnnSeLDFo27LmgPUifFBxz", 39.4, 34.9, 0.124, 0.139
+    ),
+    "original/retinamask_R101.yaml": OriginalModel(
+        "1Fl-TI1oDRVBFYI1h1mn7IiEOXwTIR3AC", 41.4, 36.6, 0.145, 0.160
+    ),
+    "original/retinamask_R101_GN.yaml": OriginalModel(
+        "19MCU9Q0YXbIrc4fRSPRV53T_RSxiVqh0", 41.7, 36.7, 0.153, 0.164
+    ),
+    "original/retinamask_X101_32x8d_GN.yaml": OriginalModel(
+        "1n-tcTUZ28s0uvDOB_gZmsFtxA8flGxKF", 42.6, 37.4, 0.231, 0.270
+    ),
+}
+
+
+def _get_original(name: str) -> str:
+    """
+    Returns the local converted checkpoint of ``retinamask://<name>``, downloading the
+    authors' file and converting it on first use. Each file appears only once complete, and
+    a lock keeps concurrent processes from doing the work twice.
+    """
+    from ..original import OriginalCheckpointError, convert_original_file
+    from .model_zoo import get_config
+
+    config_name = name[: -len(".pth")] + ".yaml"
+    if config_name not in ORIGINAL_MODELS:
+        raise RuntimeError(
+            "retinamask://{} is not one of the authors' models: {}".format(
+                name, ", ".join("original/{}.pth".format(k[9:-5]) for k in ORIGINAL_MODELS)
+            )
+        )
+    drive_id = ORIGINAL_MODELS[config_name].drive_id
+    cache_dir = os.path.join(get_cache_dir(), "retinamask_d2")
+    converted = os.path.join(cache_dir, name)
+    downloaded = os.path.join(cache_dir, "original", "downloads", drive_id + ".pth")
+    with file_lock(converted):
+        if os.path.isfile(converted):
+            return converted
+        base = os.environ.get(ORIGINAL_URL_ENV)
+        url = base.rstrip("/") + "/" + drive_id if base else None
+        source = url or "Google Drive file {}".format(drive_id)
+        if not os.path.isfile(downloaded):
+            _download_original(drive_id, url, downloaded)
+        try:
+            convert_original_file(get_config(config_name), downloaded, converted)
+        except OriginalCheckpointError as e:
+            os.remove(downloaded)
+            raise RuntimeError(
+                "The authors' checkpoint downloaded from {} cannot be converted ({}). It was "
+                "removed from the cache; the next load downloads it again.".format(source, e)
+            ) from None
+        logger.info("Converted the authors' {} into {}".format(source, converted))
+    return converted
+
+
+def _download_original(drive_id: str, url: Optional[str], output: str) -> None:
+    # gdown handles Google Drive's confirmation page for large files and publishes `output`
+    # only once the whole file has arrived.
+    import gdown
+
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    timeout = float(os.environ.get(DOWNLOAD_TIMEOUT_ENV, 60))
+    try:
+        if url is None:
+            gdown.download(id=drive_id, output=output, quiet=False, timeout=timeout)
+        else:
+            gdown.download(url=url, output=output, quiet=False, timeout=timeout)
+    except Exception as e:
+        raise OSError(
+            "Could not download the authors' checkpoint {} ({}: {}). Check the connection, or "
+            "set ${} to a mirror that serves it as <URL>/{}.".format(
+                url or "from Google Drive, file id " + drive_id,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+                ORIGINAL_URL_ENV,
+                drive_id,
+            )
+        ) from e
+
+
 class RetinaMaskHandler(PathHandler):
     """
     Resolve paths like ``retinamask://retinamask_R50/model_final.pth`` against the model zoo
@@ -168,6 +273,8 @@ class RetinaMaskHandler(PathHandler):
 
     def _get_local_path(self, path: str, force: bool = False, **kwargs) -> str:
         name = path[len(self.PREFIX) :]
+        if name.startswith("original/"):
+            return _get_original(name)
         url = model_zoo_url() + name
         try:
             # kwargs such as cache_dir go to iopath's HTTPURLHandler, which validates them.

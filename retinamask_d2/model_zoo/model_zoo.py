@@ -8,7 +8,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
 from ..config import add_retinamask_config
-from .catalog import MODEL_ZOO_URL_ENV, ModelZooCatalog
+from .catalog import MODEL_ZOO_URL_ENV, ORIGINAL_MODELS, ModelZooCatalog, RetinaMaskHandler
 
 __all__ = [
     "get",
@@ -122,9 +122,12 @@ def get_checkpoint_url(config_path: str) -> str:
 
     Returns:
         str: a ``retinamask://`` URL, resolved against ``$RETINAMASK_MODEL_ZOO_URL`` when the
-        checkpoint is loaded.
+        checkpoint is loaded. For the authors' models (``original/*.yaml``), the URL of the
+        converted checkpoint, which is downloaded and converted on first use.
     """
     get_config_file(config_path)
+    if config_path in ORIGINAL_MODELS:
+        return RetinaMaskHandler.PREFIX + config_path[: -len(".yaml")] + ".pth"
     checkpoint = ModelZooCatalog.query(config_path)
     if checkpoint is None:
         raise RuntimeError(

@@ -1,0 +1,410 @@
+"""
+Compatibility with the authors' released RetinaMask models (chengyangfu/retinamask, a
+maskrcnn-benchmark fork): the two network parts that detectron2 builds differently, and the
+converter of the authors' checkpoints into detectron2 checkpoints.
+
+Everything else the released models do is plain detectron2 configuration; see
+``configs/original/*.yaml``.
+"""
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.modeling.anchor_generator import (
+    ANCHOR_GENERATOR_REGISTRY,
+    BufferList,
+    DefaultAnchorGenerator,
+)
+from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from .checkpoint import write_atomically
+
+__all__ = [
+    "DetectronAnchorGenerator",
+    "build_retinamask_resnet_fpn_backbone",
+    "OriginalCheckpointError",
+    "convert_original_state_dict",
+    "load_original_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@ANCHOR_GENERATOR_REGISTRY.register()
+class DetectronAnchorGenerator(DefaultAnchorGenerator):
+    """
+    The anchors of Detectron and of the reference implementation: the shape of each aspect
+    ratio is rounded to whole pixels on a stride x stride cell first, and then scaled to each
+    size, so an anchor's area is only approximately ``size**2``. Combined with
+    ``MODEL.ANCHOR_GENERATOR.OFFSET 0.5`` the anchors are exactly the reference's, with
+    detectron2's box convention (the reference's inclusive x2, y2 plus one).
+
+    The order of the cell anchors is detectron2's (sizes outer, aspect ratios inner); the
+    reference enumerates aspect ratios outer, which :func:`convert_original_state_dict`
+    accounts for.
+    """
+
+    def _calculate_anchors(self, sizes, aspect_ratios):
+        # Called by DefaultAnchorGenerator.__init__ once self.strides is set.
+        return BufferList(
+            [
+                self.generate_detectron_cell_anchors(stride, s, a)
+                for stride, s, a in zip(self.strides, sizes, aspect_ratios)
+            ]
+        )
+
+    @staticmethod
+    def generate_detectron_cell_anchors(stride: int, sizes, aspect_ratios) -> torch.Tensor:
+        """
+        Args:
+            stride (int): stride of the feature map.
+            sizes (list[float]): anchor sizes of this feature map.
+            aspect_ratios (list[float]): height / width.
+
+        Returns:
+            Tensor: (len(sizes) * len(aspect_ratios), 4) XYXY cell anchors centered at (0, 0),
+            sizes outer, aspect ratios inner.
+        """
+        anchors = []
+        for size in sizes:
+            for ratio in aspect_ratios:
+                # Rounded on the stride x stride cell (numpy rounds half to even, as the
+                # reference does), then scaled.
+                w = np.round(np.sqrt(stride * stride / ratio))
+                h = np.round(w * ratio)
+                w, h = w * size / stride, h * size / stride
+                anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        return torch.tensor(anchors, dtype=torch.float32)
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """
+    detectron2's RetinaNet ResNet-FPN (P3-P7) built as the reference builds it:
+
+    * P6 and P7 are computed from ``MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE``: "p5" in the
+      reference, "res5" (C5) in detectron2's ``build_retinanet_resnet_fpn_backbone``;
+    * with ``MODEL.FPN.NORM`` set, the FPN convolutions keep their bias when
+      ``MODEL.RETINAMASK.FPN_CONV_BIAS`` is True, as the reference's GroupNorm FPN does
+      (detectron2 drops it).
+
+    Returns:
+        FPN: a backbone with outputs "p3" ... "p7".
+    """
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    in_features = cfg.MODEL.FPN.IN_FEATURES
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    top_in_feature = cfg.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE
+    last_fpn_level = "p{}".format(int(math.log2(bottom_up.output_shape()[in_features[-1]].stride)))
+    if top_in_feature == last_fpn_level:
+        top_in_channels = out_channels
+    elif top_in_feature in bottom_up.output_shape():
+        top_in_channels = bottom_up.output_shape()[top_in_feature].channels
+    else:
+        raise ValueError(
+            f"MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE is {top_in_feature!r}; P6 is computed from "
+            f"the last FPN level {last_fpn_level!r} (as the reference) or from a ResNet output "
+            f"such as 'res5' (as detectron2's RetinaNet)."
+        )
+    backbone = FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(top_in_channels, out_channels, in_feature=top_in_feature),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+    if cfg.MODEL.FPN.NORM and cfg.MODEL.RETINAMASK.FPN_CONV_BIAS:
+        for conv in backbone.lateral_convs + backbone.output_convs:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+    return backbone
+
+
+class OriginalCheckpointError(ValueError):
+    """
+    A file that is not a checkpoint of the reference's RetinaMask, or one that does not fit
+    the config it is converted for. The message is one line naming the problem.
+    """
+
+
+# The reference's parameter names -> detectron2's, as (pattern, replacement) tried in order.
+# The reference names ResNet stages layer1..layer4 (detectron2 res2..res5) and its FPN blocks
+# fpn_inner2..4 / fpn_layer2..4 for C3..C5 (detectron2 fpn_lateral3..5 / fpn_output3..5);
+# a GroupNorm FPN block is a Sequential of (conv, norm).
+_RENAMES = [
+    (r"^backbone\.body\.stem\.conv1\.", "backbone.bottom_up.stem.conv1."),
+    (r"^backbone\.body\.stem\.bn1\.", "backbone.bottom_up.stem.conv1.norm."),
+    (r"^backbone\.body\.layer(\d)\.(\d+)\.conv(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3."),
+    (r"^backbone\.body\.layer(\d)\.(\d+)\.bn(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3.norm."),
+    (r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.", r"backbone.bottom_up.res{s}.\2.shortcut."),
+    (
+        r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.1\.",
+        r"backbone.bottom_up.res{s}.\2.shortcut.norm.",
+    ),
+    (r"^backbone\.fpn\.fpn_inner(\d)\.1\.", r"backbone.fpn_lateral{s}.norm."),
+    (r"^backbone\.fpn\.fpn_inner(\d)\.(0\.)?", r"backbone.fpn_lateral{s}."),
+    (r"^backbone\.fpn\.fpn_layer(\d)\.1\.", r"backbone.fpn_output{s}.norm."),
+    (r"^backbone\.fpn\.fpn_layer(\d)\.(0\.)?", r"backbone.fpn_output{s}."),
+    (r"^backbone\.fpn\.top_blocks\.", "backbone.top_block."),
+    (r"^rpn\.head\.cls_tower\.", "head.cls_subnet."),
+    (r"^rpn\.head\.bbox_tower\.", "head.bbox_subnet."),
+    (r"^rpn\.head\.cls_logits\.", "head.cls_score."),
+    (r"^rpn\.head\.bbox_pred\.", "head.bbox_pred."),
+    (r"^mask\.feature_extractor\.mask_fcn(\d)\.", r"mask_head.mask_fcn\1."),
+    (r"^mask\.predictor\.conv5_mask\.", "mask_head.deconv."),
+    (r"^mask\.predictor\.mask_fcn_logits\.", "mask_head.predictor."),
+]
+_CELL_ANCHORS = re.compile(r"^rpn\.anchor_generator\.cell_anchors\.(\d+)$")
+# Present in every checkpoint of the reference's RetinaNet, whatever its depth or norm.
+_REQUIRED = ("backbone.body.stem.conv1.weight", "rpn.head.cls_logits.weight")
+# Buffers of this package's model that the reference keeps outside its model (its loss
+# statistics) or does not have: a converted checkpoint cannot provide them.
+NEVER_SAVED = ("box_reg_loss.running_mean", "box_reg_loss.running_var", "loss_normalizer")
+
+
+def _rename(key: str):
+    for pattern, replacement in _RENAMES:
+        m = re.match(pattern, key)
+        if m:
+            if "{s}" in replacement:  # stage numbers are one higher in detectron2
+                replacement = replacement.replace("{s}", str(int(m.group(1)) + 1))
+            return m.expand(replacement) + key[m.end() :]
+    return None
+
+
+def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """
+    Read a checkpoint as the reference's trainer writes it (``{"model", "optimizer",
+    "scheduler", "iteration"}``, or a bare state dict), in torch's zip or legacy format, with
+    ``weights_only=True``. DistributedDataParallel's ``module.`` prefix is removed.
+
+    Returns:
+        dict[str, Tensor]: the model's state dict, in the reference's names.
+    """
+    try:
+        with open(path, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise OriginalCheckpointError(f"{path}: no such file.") from None
+    except IsADirectoryError:
+        raise OriginalCheckpointError(f"{path}: is a directory, not a checkpoint file.") from None
+    except Exception as e:
+        raise OriginalCheckpointError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no details'}); the file is truncated, "
+            "corrupt, or not a checkpoint. Download it again."
+        ) from None
+    state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise OriginalCheckpointError(
+            f"{path}: holds no model state dict (expected a dict of tensors, or one under "
+            "the key 'model')."
+        )
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    missing = [k for k in _REQUIRED if k not in state_dict]
+    if missing:
+        hint = ""
+        if any(k.startswith("backbone.bottom_up.") for k in state_dict):
+            hint = " It is a detectron2 checkpoint: load it with MODEL.WEIGHTS, no conversion."
+        raise OriginalCheckpointError(
+            f"{path}: not a checkpoint of the reference's RetinaMask: the keys {missing} are "
+            f"absent.{hint}"
+        )
+    return state_dict
+
+
+def _fold_frozen_bn(converted: Dict[str, torch.Tensor], prefix: str, eps: float):
+    # The reference's FrozenBatchNorm2d scales by running_var**-0.5, detectron2's by
+    # (running_var + eps)**-0.5. Folding the statistics into the affine part, with detectron2's
+    # identity statistics (mean 0, var 1 - eps), gives the reference's function exactly.
+    weight, bias = converted[prefix + "weight"], converted[prefix + "bias"]
+    mean, var = converted[prefix + "running_mean"], converted[prefix + "running_var"]
+    scale = weight * var.rsqrt()
+    converted[prefix + "weight"] = scale
+    converted[prefix + "bias"] = bias - mean * scale
+    converted[prefix + "running_mean"] = torch.zeros_like(mean)
+    converted[prefix + "running_var"] = torch.full_like(var, 1.0 - eps)
+
+
+def _anchor_permutation(num_sizes: int, num_ratios: int) -> List[int]:
+    # Index of detectron2's cell anchor (size s, ratio r) = s * R + r among the reference's
+    # (ratio outer): r * S + s.
+    return [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
+
+
+def _permute_anchor_blocks(t: torch.Tensor, perm: List[int]) -> torch.Tensor:
+    # Output channels of the head's last convolutions are (anchor, per-anchor values).
+    blocks = t.reshape(len(perm), -1, *t.shape[1:])
+    return blocks[perm].reshape(t.shape)
+
+
+def convert_original_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_sizes: int,
+    num_ratios: int,
+    frozen_bn_eps: float = 1e-5,
+) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, str]]:
+    """
+    Convert the state dict of a reference RetinaMask to this package's names and layouts.
+
+    Args:
+        state_dict: as returned by :func:`load_original_checkpoint`.
+        num_sizes, num_ratios (int): anchor sizes and aspect ratios per location
+            (``MODEL.ANCHOR_GENERATOR``), to reorder the head's outputs.
+        frozen_bn_eps (float): epsilon of detectron2's FrozenBatchNorm2d.
+
+    Returns:
+        converted (OrderedDict[str, Tensor]): detectron2 names.
+        dropped (dict[str, str]): reference keys left out, and why.
+    """
+    converted, dropped, unknown = OrderedDict(), {}, []
+    for key, value in state_dict.items():
+        if _CELL_ANCHORS.match(key):
+            dropped[key] = "anchors are generated by DetectronAnchorGenerator (and checked)"
+            continue
+        new_key = _rename(key)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            converted[new_key] = value.detach().clone()
+    if unknown:
+        raise OriginalCheckpointError(
+            f"{len(unknown)} keys of the checkpoint have no counterpart in RetinaMask, e.g. "
+            f"{unknown[:5]}: it is a checkpoint of another architecture."
+        )
+
+    for key in [k for k in converted if k.endswith(".norm.running_var")]:
+        _fold_frozen_bn(converted, key[: -len("running_var")], frozen_bn_eps)
+
+    perm = _anchor_permutation(num_sizes, num_ratios)
+    for key in ("head.cls_score.weight", "head.cls_score.bias", "head.bbox_pred.weight",
+                "head.bbox_pred.bias"):
+        if converted[key].shape[0] % len(perm):
+            raise OriginalCheckpointError(
+                f"{key} has {converted[key].shape[0]} outputs, not a multiple of the "
+                f"{len(perm)} anchors per location of MODEL.ANCHOR_GENERATOR."
+            )
+        converted[key] = _permute_anchor_blocks(converted[key], perm)
+
+    # The reference's mask predictor has a channel for the background class 0; detectron2's
+    # class k is the reference's k + 1.
+    for key in ("mask_head.predictor.weight", "mask_head.predictor.bias"):
+        if key in converted:
+            converted[key] = converted[key][1:]
+            dropped[key] = "row 0 (background class) of the mask predictor dropped"
+    return converted, dropped
+
+
+def _check_cell_anchors(state_dict, anchor_generator, perm: List[int]) -> None:
+    # The reference saves its cell anchors (inclusive x2, y2, for the cell at (0, 0)); they
+    # must be the config's anchors, or every converted box would be decoded from a wrong one.
+    saved = {int(m.group(1)): v for k, v in state_dict.items() if (m := _CELL_ANCHORS.match(k))}
+    ours = [c for _, c in anchor_generator.cell_anchors.named_buffers()]
+    if not saved:
+        return
+    if sorted(saved) != list(range(len(ours))):
+        raise OriginalCheckpointError(
+            f"the checkpoint has anchors for {len(saved)} feature levels, the config for "
+            f"{len(ours)} (MODEL.RETINANET.IN_FEATURES)."
+        )
+    for level, cell in enumerate(ours):
+        expected = cell + anchor_generator.offset * anchor_generator.strides[level]
+        if saved[level].shape != expected.shape:
+            raise OriginalCheckpointError(
+                f"the checkpoint has {saved[level].shape[0]} anchors per location at level "
+                f"{level}, the config {expected.shape[0]} (MODEL.ANCHOR_GENERATOR)."
+            )
+        reference = saved[level][perm] + saved[level].new_tensor([0.0, 0.0, 1.0, 1.0])
+        if not torch.allclose(reference, expected, atol=1e-3):
+            raise OriginalCheckpointError(
+                f"the checkpoint's anchors at level {level} ({reference.tolist()}) differ from "
+                f"the config's ({expected.tolist()}): use MODEL.ANCHOR_GENERATOR.NAME "
+                "DetectronAnchorGenerator with OFFSET 0.5 and the reference's sizes."
+            )
+
+
+def convert_original_checkpoint(
+    state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg
+) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, str]]:
+    """
+    Convert a reference state dict for ``model`` (built from ``cfg``) and check that the
+    result loads into it with no unexpected, wrong-shaped or missing weights; only the
+    buffers in ``NEVER_SAVED`` may be missing.
+
+    Returns:
+        Same as :func:`convert_original_state_dict`.
+
+    Raises:
+        OriginalCheckpointError: with a one-line reason.
+    """
+    num_sizes = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
+    num_ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+    _check_cell_anchors(state_dict, model.anchor_generator, _anchor_permutation(num_sizes, num_ratios))
+    converted, dropped = convert_original_state_dict(
+        state_dict, num_sizes=num_sizes, num_ratios=num_ratios
+    )
+    expected = model.state_dict()
+    unexpected = [k for k in converted if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(converted[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in converted and converted[k].shape != v.shape
+    ]
+    missing = [k for k in expected if k not in converted and k not in NEVER_SAVED]
+    for problem, keys in (
+        ("weights the config's model does not have", unexpected),
+        ("weights of another shape than the config's model (checkpoint vs model)", wrong_shape),
+        ("weights the config's model needs and the checkpoint lacks", missing),
+    ):
+        if keys:
+            raise OriginalCheckpointError(
+                f"the checkpoint does not fit the config: {len(keys)} {problem}, e.g. "
+                f"{keys[:3]}. Use the configs/original/*.yaml file of this model."
+            )
+    return converted, dropped
+
+
+def convert_original_file(cfg, src: str, dst: str) -> Dict[str, object]:
+    """
+    Convert the reference checkpoint file ``src`` for the model of ``cfg`` and write a
+    detectron2 checkpoint to ``dst``. ``dst`` appears only once it is complete.
+
+    Returns:
+        dict: a summary, with "converted" (number of tensors), "parameters" (number of
+        values), "dropped" (dict key -> reason) and "not_in_checkpoint" (buffers that start
+        from their initial values).
+    """
+    state_dict = load_original_checkpoint(src)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    converted, dropped = convert_original_checkpoint(state_dict, model, cfg)
+    dropped["optimizer, scheduler, iteration"] = "training state of the reference run"
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    write_atomically(
+        dst, "wb", lambda f: torch.save({"model": converted, "__author__": __name__}, f)
+    )
+    return {
+        "converted": len(converted),
+        "parameters": sum(v.numel() for v in converted.values()),
+        "dropped": dropped,
+        "not_in_checkpoint": [k for k in model.state_dict() if k not in converted],
+    }
+

@@ -3,16 +3,24 @@ import functools
 import os
 import socket
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from retinamask_d2 import model_zoo
-from retinamask_d2.model_zoo.catalog import ModelZooCatalog, model_zoo_url, sha256sum
+from retinamask_d2.model_zoo.catalog import (
+    ORIGINAL_MODELS,
+    ModelZooCatalog,
+    model_zoo_url,
+    sha256sum,
+)
+
+from original_layout import original_state_dict, trainer_checkpoint
 
 # The smallest shipped RetinaMask config (ResNet-18, no pre-trained weights): its checkpoint is
 # written, served and hashed in well under a second.
@@ -25,9 +33,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(directory):
+def serve(directory, handler=None):
     """Serve ``directory`` over HTTP on 127.0.0.1 and yield the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    handler = handler or functools.partial(_QuietHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -52,6 +60,7 @@ def isolated_zoo(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("FVCORE_CACHE", str(cache))
     monkeypatch.delenv("RETINAMASK_MODEL_ZOO_URL", raising=False)
+    monkeypatch.delenv("RETINAMASK_ORIGINAL_URL", raising=False)
     monkeypatch.setattr(ModelZooCatalog, "CHECKPOINTS", dict(ModelZooCatalog.CHECKPOINTS))
     return cache
 
@@ -154,7 +163,7 @@ def test_shipped_configs_are_found_and_merge(name):
 
 def test_no_trained_weights_published_yet():
     assert ModelZooCatalog.CHECKPOINTS == {}
-    for name in model_zoo.list_configs():
+    for name in set(model_zoo.list_configs()) - set(ORIGINAL_MODELS):
         with pytest.raises(RuntimeError, match="No trained weights are published"):
             model_zoo.get_checkpoint_url(name)
 
@@ -199,3 +208,104 @@ def test_get_trained_loads_served_weights(zoo_path, tmp_path, monkeypatch):
     loaded = model.state_dict()
     for k, v in state.items():
         assert torch.equal(loaded[k].cpu(), v), k
+
+
+ORIGINAL_CONFIG = "original/retinamask_R50.yaml"
+ORIGINAL_URL = "retinamask://original/retinamask_R50.pth"
+
+
+@pytest.fixture(scope="module")
+def original_r50(tmp_path_factory):
+    """A synthetic checkpoint of the authors' R-50, served under its Drive file id."""
+    drive = tmp_path_factory.mktemp("drive")
+    path = drive / ORIGINAL_MODELS[ORIGINAL_CONFIG].drive_id
+    torch.save(trainer_checkpoint(original_state_dict(depth=50)), path)
+    return path
+
+
+def _cached_files(cache):
+    return sorted(os.path.relpath(os.path.join(r, f), cache) for r, _, fs in os.walk(cache) for f in fs)
+
+
+def test_authors_models_are_listed_with_their_figures():
+    assert sorted(ORIGINAL_MODELS) == [
+        "original/retinamask_R101.yaml",
+        "original/retinamask_R101_GN.yaml",
+        "original/retinamask_R50.yaml",
+        "original/retinamask_X101_32x8d_GN.yaml",
+    ]
+    r101 = ORIGINAL_MODELS["original/retinamask_R101.yaml"]
+    assert (r101.box_ap, r101.mask_ap, r101.drive_id) == (41.4, 36.6, "1Fl-TI1oDRVBFYI1h1mn7IiEOXwTIR3AC")
+    for name in ORIGINAL_MODELS:
+        url = "retinamask://{}.pth".format(name[: -len(".yaml")])
+        assert model_zoo.get_checkpoint_url(name) == url
+        # The config names its entry, so MODEL.WEIGHTS needs no override.
+        assert model_zoo.get_config(name).MODEL.WEIGHTS == url
+
+
+def test_authors_model_downloaded_once_converted_and_cached(original_r50, isolated_zoo, monkeypatch):
+    with serve(original_r50.parent) as url:
+        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+        model = model_zoo.get(ORIGINAL_CONFIG, trained=True)
+    original = torch.load(original_r50, weights_only=True)["model"]
+    assert torch.equal(
+        model.state_dict()["head.cls_subnet.2.weight"], original["rpn.head.cls_tower.2.weight"]
+    )
+    drive_id = original_r50.name
+    assert _cached_files(isolated_zoo) == [
+        "retinamask_d2/original/downloads/{}.pth".format(drive_id),
+        "retinamask_d2/original/retinamask_R50.pth",
+        "retinamask_d2/original/retinamask_R50.pth.lock",
+    ]
+
+    # The server is gone: MODEL.WEIGHTS naming the entry is answered from the cache.
+    cfg = model_zoo.get_config(ORIGINAL_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    again = build_model(cfg)
+    DetectionCheckpointer(again).load(cfg.MODEL.WEIGHTS)
+    assert torch.equal(again.state_dict()["head.cls_subnet.2.weight"], original["rpn.head.cls_tower.2.weight"])
+
+
+def test_corrupt_authors_download_is_removed(original_r50, tmp_path, isolated_zoo, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    data = original_r50.read_bytes()
+    (served / original_r50.name).write_bytes(data[: len(data) // 3])
+    with serve(served) as url:
+        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+        with pytest.raises(RuntimeError, match="cannot be converted .* removed from the cache"):
+            PathManager.get_local_path(ORIGINAL_URL)
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
+
+
+class _CutOffHandler(BaseHTTPRequestHandler):
+    """Announces the whole file, sends a third of it and closes the connection."""
+
+    data = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data[: len(self.data) // 3])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_interrupted_authors_download_leaves_no_finished_file(original_r50, isolated_zoo, monkeypatch):
+    handler = type("Handler", (_CutOffHandler,), {"data": original_r50.read_bytes()})
+    with serve(None, handler=handler) as url:
+        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+        with pytest.raises(OSError, match="Could not download the authors' checkpoint") as e:
+            PathManager.get_local_path(ORIGINAL_URL)
+    assert url.rstrip("/") + "/" + original_r50.name in str(e.value)
+    finished = [f for f in _cached_files(isolated_zoo) if f.endswith(".pth")]
+    assert finished == []
+
+    # A later try with a working server succeeds.
+    with serve(original_r50.parent) as url:
+        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+        assert PathManager.get_local_path(ORIGINAL_URL).endswith("original/retinamask_R50.pth")

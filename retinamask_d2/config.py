@@ -48,3 +48,6 @@ def add_retinamask_config(cfg):
     # Clip decoded boxes to the image before NMS, as the reference does (detectron2's
     # RetinaNet clips after NMS, when the detections are resized to the input image).
     _C.MODEL.RETINAMASK.CLIP_BOXES_BEFORE_NMS = False
+    # Pool mask features over the reference's inclusive boxes, (x1, y1, x2 - 1, y2 - 1) in
+    # detectron2's coordinates, as its RoIAlign receives them.
+    _C.MODEL.RETINAMASK.MASK_POOLER_INCLUSIVE_BOXES = False

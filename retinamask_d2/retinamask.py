@@ -46,6 +46,7 @@ class RetinaMask(RetinaNet):
         mask_fg_iou_threshold: float = 0.5,
         num_masks_test: int = 50,
         clip_boxes_before_nms: bool = False,
+        mask_pooler_inclusive_boxes: bool = False,
         **kwargs,
     ):
         """
@@ -65,6 +66,8 @@ class RetinaMask(RetinaNet):
                 detections, and only those are returned; <= 0 means all detections.
             clip_boxes_before_nms (bool): clip the decoded boxes to the image before NMS, as
                 the reference implementation does.
+            mask_pooler_inclusive_boxes (bool): pool mask features over (x1, y1, x2 - 1,
+                y2 - 1), the reference's inclusive box, rather than detectron2's (x1, y1, x2, y2).
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -84,6 +87,7 @@ class RetinaMask(RetinaNet):
         self.num_mask_proposals_train = num_mask_proposals_train
         self.num_masks_test = num_masks_test
         self.clip_boxes_before_nms = clip_boxes_before_nms
+        self.mask_pooler_inclusive_boxes = mask_pooler_inclusive_boxes
         self.mask_proposal_matcher = Matcher(
             [mask_fg_iou_threshold], [0, 1], allow_low_quality_matches=False
         )
@@ -101,6 +105,7 @@ class RetinaMask(RetinaNet):
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
         ret["num_masks_test"] = cfg.MODEL.RETINAMASK.NUM_MASKS_TEST
         ret["clip_boxes_before_nms"] = cfg.MODEL.RETINAMASK.CLIP_BOXES_BEFORE_NMS
+        ret["mask_pooler_inclusive_boxes"] = cfg.MODEL.RETINAMASK.MASK_POOLER_INCLUSIVE_BOXES
         if cfg.MODEL.MASK_ON:
             ret.update(cls._init_mask_branch(cfg, ret["backbone"].output_shape()))
         return ret
@@ -241,9 +246,14 @@ class RetinaMask(RetinaNet):
             mask_instances.append(instances)
 
         x = self.mask_pooler(
-            self._mask_features(features), [x.proposal_boxes for x in mask_instances]
+            self._mask_features(features), self._pooler_boxes([x.proposal_boxes for x in mask_instances])
         )
         return self.mask_head(x, mask_instances)
+
+    def _pooler_boxes(self, boxes: List[Boxes]) -> List[Boxes]:
+        if not self.mask_pooler_inclusive_boxes:
+            return boxes
+        return [Boxes(b.tensor - b.tensor.new_tensor([0.0, 0.0, 1.0, 1.0])) for b in boxes]
 
     def _mask_features(self, features: List[Tensor]) -> List[Tensor]:
         by_name = dict(zip(self.head_in_features, features))
@@ -258,5 +268,7 @@ class RetinaMask(RetinaNet):
         if self.num_masks_test > 0:
             # Detections are sorted by score: keep the top ones, each with its mask (Sec. 3.5).
             results = [r[: self.num_masks_test] for r in results]
-        x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in results])
+        x = self.mask_pooler(
+            self._mask_features(features), self._pooler_boxes([r.pred_boxes for r in results])
+        )
         return self.mask_head(x, results)

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""
+Compare the detections of a converted checkpoint, run by detectron2's DefaultPredictor, with
+the detections the authors' own code gave on the same weights and images:
+
+    python3 tools/compare_original.py --config-file configs/original/retinamask_R50.yaml \
+        --reference ref.json --images DIR --output report.json MODEL.WEIGHTS converted.pth
+
+``ref.json`` holds, per image file in DIR, the authors' detections box-only ("box_only") and
+with masks ("with_masks"): "boxes" as the authors' code gives them (x1, y1, x2, y2 with
+inclusive x2, y2, in image pixels), "scores", "labels" (1-based) and, with masks, "masks" as
+COCO RLE of the pasted image-sized masks.
+
+A reference detection agrees when a detection of ours of the same class overlaps it at IoU
+>= 0.5 (greedy, by score), with score difference <= 1e-3, every box coordinate within 1 pixel
+(the authors' x2 + 1 is our x2) and, with masks, pasted-mask IoU >= 0.9.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.structures import Boxes, pairwise_iou
+
+from retinamask_d2 import add_retinamask_config
+
+SCORE_TOL, BOX_TOL, MASK_IOU = 1e-3, 1.0, 0.9
+
+
+def match(ref, ours):
+    """
+    Returns:
+        list[tuple[int, int]]: (reference index, our index) pairs of the same class with IoU
+        >= 0.5, each reference detection, highest score first, taking its best free match.
+    """
+    if len(ref["scores"]) == 0 or len(ours) == 0:
+        return []
+    ref_boxes = torch.tensor(ref["boxes"], dtype=torch.float32) + torch.tensor([0, 0, 1.0, 1.0])
+    iou = pairwise_iou(Boxes(ref_boxes), ours.pred_boxes.to("cpu"))
+    same_class = torch.tensor(ref["labels"])[:, None] - 1 == ours.pred_classes.cpu()[None, :]
+    iou = torch.where(same_class, iou, torch.zeros_like(iou))
+    pairs, taken = [], set()
+    for i in np.argsort(-np.asarray(ref["scores"]), kind="stable"):
+        for j in torch.argsort(iou[i], descending=True).tolist():
+            if iou[i, j] < 0.5:
+                break
+            if j not in taken:
+                pairs.append((int(i), j))
+                taken.add(j)
+                break
+    return pairs
+
+
+def compare(ref, ours, with_masks):
+    """Per matched pair: score, box and (with masks) mask differences; and the counts."""
+    pairs = match(ref, ours)
+    rows = []
+    for i, j in pairs:
+        ref_box = np.asarray(ref["boxes"][i]) + np.array([0, 0, 1.0, 1.0])
+        our_box = ours.pred_boxes.tensor[j].cpu().numpy()
+        row = {
+            "area": float((ref_box[2] - ref_box[0]) * (ref_box[3] - ref_box[1])),
+            "score_diff": abs(ref["scores"][i] - ours.scores[j].item()),
+            "box_diff": float(np.abs(ref_box - our_box).max()),
+            # COCO's box width: the authors' code writes x2 - x1 + 1, ours x2 - x1.
+            "coco_width_diff": float(
+                (ref["boxes"][i][2] - ref["boxes"][i][0] + 1) - (our_box[2] - our_box[0])
+            ),
+        }
+        if with_masks:
+            ref_mask = mask_util.decode(ref["masks"][i]).astype(bool)
+            our_mask = ours.pred_masks[j].cpu().numpy()
+            union = np.logical_or(ref_mask, our_mask).sum()
+            # Two empty masks (a box too small to hold one) agree.
+            intersection = np.logical_and(ref_mask, our_mask).sum()
+            row["mask_iou"] = float(intersection / union) if union else 1.0
+        row["agrees"] = (
+            row["score_diff"] <= SCORE_TOL
+            and row["box_diff"] <= BOX_TOL
+            and row.get("mask_iou", 1.0) >= MASK_IOU
+        )
+        rows.append(row)
+    return {"reference": len(ref["scores"]), "ours": len(ours), "pairs": rows}
+
+
+def summarize(results):
+    pairs = [p for r in results for p in r["pairs"]]
+    num_ref = sum(r["reference"] for r in results)
+    summary = {
+        "images": len(results),
+        "reference_detections": num_ref,
+        "our_detections": sum(r["ours"] for r in results),
+        "matched": len(pairs),
+        "agreeing": sum(p["agrees"] for p in pairs),
+        "agreement": sum(p["agrees"] for p in pairs) / max(num_ref, 1),
+    }
+    # Pasting differs most, in relative terms, for COCO's small objects (< 32 x 32 pixels).
+    larger = [p for p in pairs if p["area"] >= 32 * 32]
+    if larger and "mask_iou" in larger[0]:
+        summary["matched_medium_large"] = len(larger)
+        summary["mask_iou_ok_medium_large"] = sum(p["mask_iou"] >= MASK_IOU for p in larger)
+    for key in ("score_diff", "box_diff", "coco_width_diff", "mask_iou"):
+        values = [p[key] for p in pairs if key in p]
+        if values:
+            summary[key] = {
+                "max": float(np.max(values)),
+                "mean": float(np.mean(values)),
+                "min": float(np.min(values)),
+            }
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--reference", required=True, help="JSON of the authors' detections")
+    parser.add_argument("--images", required=True, help="directory of the images it names")
+    parser.add_argument("--output", help="write the per-image comparison here (JSON)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    cfg = get_cfg()
+    add_retinamask_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    with open(args.reference) as f:
+        reference = json.load(f)
+
+    report = {}
+    for mode, mask_on in (("box_only", False), ("with_masks", True)):
+        mode_cfg = cfg.clone()
+        mode_cfg.MODEL.MASK_ON = mask_on
+        predictor = DefaultPredictor(mode_cfg)
+        results = []
+        for entry in reference["images"]:
+            image = read_image(os.path.join(args.images, entry["file"]), format="BGR")
+            ours = predictor(image)["instances"]
+            result = compare(entry[mode], ours, mask_on)
+            result["file"] = entry["file"]
+            # The reference floors the resized long side where detectron2 rounds it.
+            resize = predictor.aug.get_transform(image)
+            result["same_input_size"] = list(entry["input_size"]) == [resize.new_h, resize.new_w]
+            results.append(result)
+        same = [r for r in results if r["same_input_size"]]
+        report[mode] = {
+            "all": summarize(results),
+            "same_input_size": summarize(same),
+            "other_input_size": summarize([r for r in results if not r["same_input_size"]]),
+            "images": results,
+        }
+        s = report[mode]["same_input_size"]
+        print(
+            f"{mode}: {s['agreeing']}/{s['reference_detections']} reference detections agree "
+            f"({100 * s['agreement']:.1f}%) on {s['images']} images with the same input size; "
+            f"max score diff {s.get('score_diff', {}).get('max', float('nan')):.2e}, "
+            f"max box diff {s.get('box_diff', {}).get('max', float('nan')):.3f} px"
+            + (
+                f", mask IoU >= {MASK_IOU}: {sum(p['mask_iou'] >= MASK_IOU for r in same for p in r['pairs'])}"
+                f"/{s['matched']} (objects of 32x32 px or more: {s.get('mask_iou_ok_medium_large')}"
+                f"/{s.get('matched_medium_large')}), mean mask IoU {s['mask_iou']['mean']:.3f}"
+                if "mask_iou" in s
+                else ""
+            )
+        )
+        o = report[mode]["other_input_size"]
+        if o["images"]:
+            print(
+                f"{mode}: {o['agreeing']}/{o['reference_detections']} agree "
+                f"({100 * o['agreement']:.1f}%) on {o['images']} images resized differently"
+            )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

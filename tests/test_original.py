@@ -233,3 +233,15 @@ def test_checkpoint_of_other_config_is_rejected(r50, tmp_path):
     with pytest.raises(OriginalCheckpointError, match="needs and the checkpoint lacks"):
         convert_original_file(cfg, str(src), str(dst))
     assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["retinamask_R50.yaml", "retinamask_R101_GN.yaml", "retinamask_X101_32x8d_GN.yaml"]
+)
+def test_training_configs_build_the_released_network(name):
+    # A model trained with a COCO config has the weights (names and shapes) of the authors'
+    # model that configs/original/ loads, so either initializes the other.
+    def shapes(cfg):
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+    assert shapes(load_config(name)) == shapes(load_config("original/" + name))

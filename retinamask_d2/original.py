@@ -6,7 +6,6 @@ converter of the authors' checkpoints into detectron2 checkpoints.
 Everything else the released models do is plain detectron2 configuration; see
 ``configs/original/*.yaml``.
 """
-import logging
 import math
 import os
 import re
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.modeling.anchor_generator import (
@@ -33,12 +31,13 @@ from .checkpoint import write_atomically
 __all__ = [
     "DetectronAnchorGenerator",
     "build_retinamask_resnet_fpn_backbone",
+    "NEVER_SAVED",
     "OriginalCheckpointError",
+    "convert_original_checkpoint",
+    "convert_original_file",
     "convert_original_state_dict",
     "load_original_checkpoint",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @ANCHOR_GENERATOR_REGISTRY.register()

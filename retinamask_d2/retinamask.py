@@ -39,6 +39,7 @@ class RetinaMask(RetinaNet):
         self,
         *,
         box_reg_loss: nn.Module,
+        box_reg_loss_weight: float = 1.0,
         mask_pooler: ROIPooler = None,
         mask_head: nn.Module = None,
         mask_in_features: List[str] = ("p3", "p4", "p5"),
@@ -51,6 +52,7 @@ class RetinaMask(RetinaNet):
         Args:
             box_reg_loss (nn.Module): called as ``box_reg_loss(pred_deltas, gt_deltas, fg_mask)``
                 with (N, R, 4), (N, R, 4) and (N, R) tensors; returns the summed loss.
+            box_reg_loss_weight (float): multiplies ``loss_box_reg`` (and no other loss).
             mask_pooler (ROIPooler or None): pools mask features from ``mask_in_features``.
                 None (together with ``mask_head``) makes a box-only model.
             mask_head (nn.Module or None): a head of detectron2's ``ROI_MASK_HEAD_REGISTRY``.
@@ -66,6 +68,7 @@ class RetinaMask(RetinaNet):
         """
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
+        self.box_reg_loss_weight = box_reg_loss_weight
         if (mask_pooler is None) != (mask_head is None):
             raise ValueError("mask_pooler and mask_head must be given together, or neither.")
         missing = [f for f in mask_in_features if f not in self.head_in_features]
@@ -92,6 +95,7 @@ class RetinaMask(RetinaNet):
         ret = super().from_config(cfg)
         ret["anchor_matcher"] = build_anchor_matcher(cfg)
         ret["box_reg_loss"] = build_box_reg_loss(cfg)
+        ret["box_reg_loss_weight"] = cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT
         ret["mask_in_features"] = cfg.MODEL.RETINAMASK.MASK_IN_FEATURES
         ret["num_mask_proposals_train"] = cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
@@ -145,8 +149,8 @@ class RetinaMask(RetinaNet):
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
-        RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss``.
-        Ignored anchors are masked out rather than indexed away, so no step here waits for the
+        RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss`` and
+        scaled by ``self.box_reg_loss_weight``. Ignored anchors are masked out rather than indexed away, so no step here waits for the
         device. Arguments and return value are those of :meth:`RetinaNet.losses`.
         """
         gt_labels = torch.stack(gt_labels)  # (N, R)
@@ -176,7 +180,7 @@ class RetinaMask(RetinaNet):
         loss_box_reg = self.box_reg_loss(cat(pred_anchor_deltas, dim=1), gt_anchor_deltas, pos_mask)
         return {
             "loss_cls": loss_cls / normalizer,
-            "loss_box_reg": loss_box_reg / normalizer,
+            "loss_box_reg": loss_box_reg * self.box_reg_loss_weight / normalizer,
         }
 
     @torch.no_grad()

@@ -78,6 +78,56 @@ def test_shipped_config_trains_one_step(name):
         assert has_grad(model.mask_head)
 
 
+class _RecordTargets(torch.nn.Module):
+    """Wraps a box regression loss and keeps the targets and foreground mask it was given."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, pred_deltas, gt_deltas, fg_mask):
+        self.gt_deltas, self.fg_mask = gt_deltas, fg_mask
+        return self.loss(pred_deltas, gt_deltas, fg_mask)
+
+
+def test_box_deltas_are_in_the_reference_units(small_cfg):
+    # The reference code's box coder: (10 dx, 10 dy, 5 dw, 5 dh).
+    assert small_cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    targets = {}
+    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+        small_cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS = weights
+        model = build_model(small_cfg)
+        assert model.box2box_transform.weights == weights  # decoding at inference too
+        model.box_reg_loss = _RecordTargets(model.box_reg_loss)
+        _train_step(model, batch)
+        fg = model.box_reg_loss.fg_mask
+        assert fg.any()
+        targets[weights] = model.box_reg_loss.gt_deltas[fg]
+    torch.testing.assert_close(
+        targets[(10.0, 10.0, 5.0, 5.0)],
+        targets[(1.0, 1.0, 1.0, 1.0)] * torch.tensor([10.0, 10.0, 5.0, 5.0]),
+    )
+
+
+def test_box_reg_loss_weight_scales_only_the_box_loss(small_cfg):
+    assert small_cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 0.25
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    model = build_model(small_cfg)
+    state = copy.deepcopy(model.state_dict())
+    weighted = _train_step(model, batch)
+
+    small_cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
+    unweighted_model = build_model(small_cfg)
+    unweighted_model.load_state_dict(state)
+    unweighted = _train_step(unweighted_model, batch)
+    assert set(weighted) == {"loss_cls", "loss_box_reg", "loss_mask"}
+    assert unweighted["loss_box_reg"] > 0
+    torch.testing.assert_close(weighted["loss_box_reg"], 0.25 * unweighted["loss_box_reg"])
+    for name in ("loss_cls", "loss_mask"):
+        torch.testing.assert_close(weighted[name], unweighted[name])
+
+
 def test_mask_loss_trains_the_shared_features(small_cfg):
     model = build_model(small_cfg)
     losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))

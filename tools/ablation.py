@@ -134,6 +134,8 @@ _ARCHITECTURE_KEYS = (
     "MODEL.META_ARCHITECTURE",
     "MODEL.MASK_ON",
     "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA",
+    # detectron2's RetinaNet keeps its own box-delta units (see retinanet_synthetic.yaml).
+    "MODEL.RETINANET.BBOX_REG_WEIGHTS",
     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
     "MODEL.RETINAMASK.",
     "MODEL.ROI_MASK_HEAD.",

@@ -116,7 +116,8 @@ def test_train_checkpoint_and_evaluate(datasets_root, tmp_path):
     assert len(losses) == 2 and losses[-1] < losses[0], records
     training = [r for r in records if "total_loss" in r]
     assert all(k in training[-1] for k in ("loss_cls", "loss_box_reg", "loss_mask"))
-    assert all(f"box_reg_beta/{c}" in training[-1] for c in ("dx", "dy", "dw", "dh"))
+    for stat in ("beta", "mean", "var"):
+        assert all(f"box_reg_{stat}/{c}" in training[-1] for c in ("dx", "dy", "dw", "dh"))
 
     for name in ("model_0000019.pth", "model_final.pth"):
         assert os.path.isfile(os.path.join(out, name)), os.listdir(out)

@@ -150,8 +150,9 @@ class RetinaMask(RetinaNet):
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
         RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss`` and
-        scaled by ``self.box_reg_loss_weight``. Ignored anchors are masked out rather than indexed away, so no step here waits for the
-        device. Arguments and return value are those of :meth:`RetinaNet.losses`.
+        scaled by ``self.box_reg_loss_weight``. Ignored anchors are masked out rather than
+        indexed away, so no step here waits for the device. Arguments and return value are
+        those of :meth:`RetinaNet.losses`.
         """
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid_mask = gt_labels >= 0

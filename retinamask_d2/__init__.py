@@ -10,6 +10,7 @@ from .build import (
 )
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import add_retinamask_config
+from .evaluation import TopDetectionsCOCOEvaluator, build_coco_evaluator
 from .matcher import BestMatchMatcher
 from .retinamask import RetinaMask
 

@@ -37,6 +37,7 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD = 0.5
     # Sec. 3.3, Table 3: FPN levels the mask head pools from (Eq. 3 picks one per proposal).
     _C.MODEL.RETINAMASK.MASK_IN_FEATURES = ["p3", "p4", "p5"]
-    # Sec. 3.5: masks are predicted for this many top detections at test time, and only those
-    # detections are returned when MODEL.MASK_ON; <= 0 predicts masks for all detections.
+    # Sec. 3.5: masks are predicted for this many top detections at test time; all detections
+    # (TEST.DETECTIONS_PER_IMAGE) are returned, the others with all-zero masks, which the
+    # evaluator of train_net.py leaves out of mask AP. <= 0 predicts masks for all detections.
     _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50

@@ -29,9 +29,9 @@ class RetinaMask(RetinaNet):
     Sec. 3.2) and a mask head fed by the detector's own top detections (Sec. 3.3, Fig. 4).
 
     Training returns ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
-    Inference returns RetinaNet's detections; with a mask head, the top ``num_masks_test`` of
-    them each with a mask. Without a mask head the test-time computation is exactly
-    :class:`RetinaNet`'s.
+    Inference returns RetinaNet's detections; with a mask head, each also has a mask, predicted
+    for the top ``num_masks_test`` of them and all-zero for the rest. Without a mask head the
+    test-time computation is exactly :class:`RetinaNet`'s.
     """
 
     @configurable
@@ -63,7 +63,8 @@ class RetinaMask(RetinaNet):
             mask_fg_iou_threshold (float): a mask proposal with at least this IoU to a ground
                 truth is trained on that object's mask; the others are dropped.
             num_masks_test (int): at test time, masks are predicted for this many top
-                detections, and only those are returned; <= 0 means all detections.
+                detections; the others are returned too, with all-zero masks. <= 0 means all
+                detections.
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -244,11 +245,26 @@ class RetinaMask(RetinaNet):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ):
+        """
+        RetinaNet's detections, unchanged (up to ``TEST.DETECTIONS_PER_IMAGE`` per image, sorted
+        by score), so that box AP is that of box-only inference, as the paper reports it. With a
+        mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities: the mask head runs
+        on the top ``num_masks_test`` only (Sec. 3.5: "we use the top 50 bounding box
+        predictions as mask proposals"), and the others get all-zero masks, which
+        :func:`retinamask_d2.evaluation.build_coco_evaluator` leaves out of mask AP.
+        """
         results = super().forward_inference(images, features, predictions)
         if not self.mask_on:
             return results
-        if self.num_masks_test > 0:
-            # Detections are sorted by score: keep the top ones, each with its mask (Sec. 3.5).
-            results = [r[: self.num_masks_test] for r in results]
-        x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in results])
-        return self.mask_head(x, results)
+        if self.num_masks_test <= 0:
+            x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in results])
+            return self.mask_head(x, results)
+        top = [r[: self.num_masks_test] for r in results]
+        x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in top])
+        top = self.mask_head(x, top)
+        for r, t in zip(results, top):
+            # Zeros as long as a slice, not a counted length: a traced graph stays dynamic.
+            rest = r.scores[self.num_masks_test :]
+            zeros = torch.zeros_like(rest)[:, None, None, None].expand(-1, *t.pred_masks.shape[1:])
+            r.pred_masks = torch.cat([t.pred_masks, zeros.to(t.pred_masks.dtype)])
+        return results

@@ -211,26 +211,51 @@ def _inference(model, image):
         return model([{"image": image, "height": 2 * H, "width": 2 * W}])[0]["instances"]
 
 
-def test_inference_returns_masks_for_the_top_50(small_cfg):
+def test_inference_returns_box_only_detections_with_masks_for_the_top_50(small_cfg):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # an untrained model scores ~0.01
     model = build_model(small_cfg)
     image = torch.rand(3, H, W) * 255
     out = _inference(model, image)
-    assert len(out) == 50
-    assert out.pred_masks.shape == (50, 2 * H, 2 * W)
+    # Sec. 3.5: box AP counts the top 100 detections, masks are predicted for the top 50.
+    assert len(out) == 100
+    assert out.pred_masks.shape == (100, 2 * H, 2 * W)
     assert out.pred_masks.dtype == torch.bool
     assert torch.all(out.scores[:-1] >= out.scores[1:])
-
-    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 0
-    model_all = build_model(small_cfg)
-    model_all.load_state_dict(model.state_dict())
-    assert len(_inference(model_all, image)) == 100
+    assert out.pred_masks[:50].flatten(1).any(dim=1).all()  # random weights: probabilities ~0.5
+    assert not out.pred_masks[50:].any()
 
     small_cfg.MODEL.MASK_ON = False
     box_only = build_model(small_cfg)
     box_only.load_state_dict(model.state_dict(), strict=False)
-    out = _inference(box_only, image)
-    assert len(out) == 100 and not out.has("pred_masks")
+    boxes = _inference(box_only, image)
+    assert not boxes.has("pred_masks")
+    assert torch.equal(out.pred_boxes.tensor, boxes.pred_boxes.tensor)
+    assert torch.equal(out.scores, boxes.scores)
+    assert torch.equal(out.pred_classes, boxes.pred_classes)
+
+
+def test_mask_head_runs_on_the_top_detections_only(small_cfg):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 7
+    model = build_model(small_cfg).eval()
+    seen = []
+    model.mask_head.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    batch = _batch(_instances([], []), _instances([], []))
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    with torch.no_grad():
+        results = model.forward_inference(images, features, model.head(features))
+    assert seen == [2 * 7]  # one call, 7 RoIs per image
+    for r in results:
+        assert len(r) == 100 and r.pred_masks.shape == (100, 1, 28, 28)
+        assert (r.pred_masks[:7] > 0).all() and not r.pred_masks[7:].any()
+
+    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 0  # every detection gets a mask
+    model_all = build_model(small_cfg)
+    model_all.load_state_dict(model.state_dict())
+    out = _inference(model_all, torch.rand(3, H, W) * 255)
+    assert len(out) == 100 and out.pred_masks.flatten(1).any(dim=1).all()
 
 
 def _real_image(path):
@@ -306,7 +331,7 @@ def test_default_predictor_with_a_saved_checkpoint(small_cfg, tmp_path):
     out = predictor(image)["instances"]
     assert isinstance(out, Instances)
     assert out.image_size == (H, W)
-    assert 0 < len(out) <= 50
+    assert 0 < len(out) <= 100
     assert out.pred_masks.shape[1:] == (H, W)
     for p_loaded, p_saved in zip(predictor.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(p_loaded, p_saved)

@@ -50,7 +50,9 @@ setup(
         "gdown>=6.5",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib>=3.5"],  # tests/test_plot_beta.py
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+        # tools/plot_beta.py
+        "plot": ["matplotlib>=3.5"],
     },
 )

@@ -15,13 +15,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from retinamask_d2 import add_retinamask_config
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.data import load_checked_dataset
+from retinamask_d2.evaluation import build_coco_evaluator
 
 
 def _create_ddp_model(model, **kwargs):
@@ -67,10 +68,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        # Sec. 3.5: box AP on all detections, mask AP on the top NUM_MASKS_TEST.
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+        return build_coco_evaluator(cfg, dataset_name, output_folder)
 
 
 def setup(args):

@@ -11,6 +11,7 @@ from .build import (
 )
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import add_retinamask_config
+from .evaluation import TopDetectionsCOCOEvaluator, build_coco_evaluator
 from .matcher import BestMatchMatcher
 from .original import DetectronAnchorGenerator, build_retinamask_resnet_fpn_backbone
 from .retinamask import RetinaMask

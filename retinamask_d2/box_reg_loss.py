@@ -77,8 +77,10 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
     (so every replica uses the same beta), and stay unchanged for a batch without foreground.
 
     While an :class:`EventStorage` is active, the beta each training iteration starts with is
-    put into it as ``box_reg_beta/{dx,dy,dw,dh}``. The value is copied to the host without
-    blocking at the end of the previous iteration, so logging never waits for the device.
+    put into it as ``box_reg_beta/{dx,dy,dw,dh}``, with the running statistics it comes from as
+    ``box_reg_mean/...`` and ``box_reg_var/...`` (the curves of the paper's Fig. 3,
+    ``tools/plot_beta.py`` draws them). The values are copied to the host without blocking at
+    the end of the previous iteration, so logging never waits for the device.
     """
 
     @configurable
@@ -113,7 +115,7 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         self.min_beta = min_beta
         self.register_buffer("running_mean", torch.full((num_coords,), float(beta_max)))
         self.register_buffer("running_var", torch.zeros(num_coords))
-        self._pending_beta: Optional[Tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
+        self._pending_stats: Optional[Tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -140,9 +142,9 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         """
         x = _foreground_residuals(pred_deltas, gt_deltas, fg_mask).abs()
         if self.training:
-            self._publish_beta()
+            self._publish_statistics()
             self._update_statistics(x.detach().float(), fg_mask)
-            self._queue_beta_for_logging()
+            self._queue_statistics_for_logging()
         beta = self.beta.to(x.dtype)
         # Background elements have x == 0 and fall in the quadratic branch with zero loss.
         loss = torch.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
@@ -167,27 +169,29 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         self.running_mean.lerp_(batch_mean, w)
         self.running_var.lerp_(batch_var, w)
 
-    def _queue_beta_for_logging(self):
+    def _queue_statistics_for_logging(self):
         if not _has_event_storage():
             return
-        beta = self.beta.detach()
-        host = beta.to("cpu", non_blocking=True, copy=True)
+        stats = torch.stack([self.beta, self.running_mean, self.running_var]).detach()
+        host = stats.to("cpu", non_blocking=True, copy=True)
         event = None
-        if beta.is_cuda:
+        if stats.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        self._pending_beta = (host, event)
+        self._pending_stats = (host, event)
 
-    def _publish_beta(self):
-        if self._pending_beta is None or not _has_event_storage():
+    def _publish_statistics(self):
+        if self._pending_stats is None or not _has_event_storage():
             return
-        host, event = self._pending_beta
-        self._pending_beta = None
+        host, event = self._pending_stats
+        self._pending_stats = None
         if event is not None:
             event.synchronize()  # the copy was queued a whole iteration ago
-        get_event_storage().put_scalars(
-            **{f"box_reg_beta/{c}": v for c, v in zip(_COORDS, host.tolist())}
-        )
+        beta, mean, var = host.tolist()
+        scalars = {}
+        for name, values in (("beta", beta), ("mean", mean), ("var", var)):
+            scalars.update({f"box_reg_{name}/{c}": v for c, v in zip(_COORDS, values)})
+        get_event_storage().put_scalars(**scalars)
 
 
 def _all_reduce_sum(tensor):

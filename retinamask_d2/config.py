@@ -22,10 +22,13 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.BOX_REG_LOSS = CN()
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.NAME = "SelfAdjustingSmoothL1Loss"
     # Sec. 3.4, Eq. 2, Table 2: the upper clamp bound beta-hat of the self-adjusting loss
-    # (0.11 was best); for the fixed SmoothL1Loss, its beta.
+    # (0.11 was best); for the fixed SmoothL1Loss, its beta. In the units of the deltas, which
+    # MODEL.RETINANET.BBOX_REG_WEIGHTS sets: the paper's 0.11 is for weights (10, 10, 5, 5).
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.11
     # Sec. 3.2, Eq. 2: momentum m of the running mean and variance of |x|.
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.9
+    # Weight of loss_box_reg, as ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT (0.25 in the paper's configs).
+    _C.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
 
     # Sec. 3.4: number of the detector's own top detections (after NMS) used as mask proposals
     # per training image; the ground-truth boxes are added to them.
@@ -34,8 +37,9 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD = 0.5
     # Sec. 3.3, Table 3: FPN levels the mask head pools from (Eq. 3 picks one per proposal).
     _C.MODEL.RETINAMASK.MASK_IN_FEATURES = ["p3", "p4", "p5"]
-    # Sec. 3.5: masks are predicted for this many top detections at test time, and only those
-    # detections are returned when MODEL.MASK_ON; <= 0 predicts masks for all detections.
+    # Sec. 3.5: masks are predicted for this many top detections at test time; all detections
+    # (TEST.DETECTIONS_PER_IMAGE) are returned, the others with all-zero masks, which the
+    # evaluator of train_net.py leaves out of mask AP. <= 0 predicts masks for all detections.
     _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50
 
     # Compatibility with the reference implementation's released models (configs/original/):

@@ -29,9 +29,9 @@ class RetinaMask(RetinaNet):
     Sec. 3.2) and a mask head fed by the detector's own top detections (Sec. 3.3, Fig. 4).
 
     Training returns ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
-    Inference returns RetinaNet's detections; with a mask head, the top ``num_masks_test`` of
-    them each with a mask. Without a mask head the test-time computation is exactly
-    :class:`RetinaNet`'s.
+    Inference returns RetinaNet's detections; with a mask head, each also has a mask, predicted
+    for the top ``num_masks_test`` of them and all-zero for the rest. Without a mask head the
+    test-time computation is exactly :class:`RetinaNet`'s.
     """
 
     @configurable
@@ -39,6 +39,7 @@ class RetinaMask(RetinaNet):
         self,
         *,
         box_reg_loss: nn.Module,
+        box_reg_loss_weight: float = 1.0,
         mask_pooler: ROIPooler = None,
         mask_head: nn.Module = None,
         mask_in_features: List[str] = ("p3", "p4", "p5"),
@@ -53,6 +54,7 @@ class RetinaMask(RetinaNet):
         Args:
             box_reg_loss (nn.Module): called as ``box_reg_loss(pred_deltas, gt_deltas, fg_mask)``
                 with (N, R, 4), (N, R, 4) and (N, R) tensors; returns the summed loss.
+            box_reg_loss_weight (float): multiplies ``loss_box_reg`` (and no other loss).
             mask_pooler (ROIPooler or None): pools mask features from ``mask_in_features``.
                 None (together with ``mask_head``) makes a box-only model.
             mask_head (nn.Module or None): a head of detectron2's ``ROI_MASK_HEAD_REGISTRY``.
@@ -63,7 +65,8 @@ class RetinaMask(RetinaNet):
             mask_fg_iou_threshold (float): a mask proposal with at least this IoU to a ground
                 truth is trained on that object's mask; the others are dropped.
             num_masks_test (int): at test time, masks are predicted for this many top
-                detections, and only those are returned; <= 0 means all detections.
+                detections; the others are returned too, with all-zero masks. <= 0 means all
+                detections.
             clip_boxes_before_nms (bool): clip the decoded boxes to the image before NMS, as
                 the reference implementation does.
             mask_pooler_inclusive_boxes (bool): pool mask features over (x1, y1, x2 - 1,
@@ -72,6 +75,7 @@ class RetinaMask(RetinaNet):
         """
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
+        self.box_reg_loss_weight = box_reg_loss_weight
         if (mask_pooler is None) != (mask_head is None):
             raise ValueError("mask_pooler and mask_head must be given together, or neither.")
         missing = [f for f in mask_in_features if f not in self.head_in_features]
@@ -100,6 +104,7 @@ class RetinaMask(RetinaNet):
         ret = super().from_config(cfg)
         ret["anchor_matcher"] = build_anchor_matcher(cfg)
         ret["box_reg_loss"] = build_box_reg_loss(cfg)
+        ret["box_reg_loss_weight"] = cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT
         ret["mask_in_features"] = cfg.MODEL.RETINAMASK.MASK_IN_FEATURES
         ret["num_mask_proposals_train"] = cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
@@ -155,9 +160,10 @@ class RetinaMask(RetinaNet):
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
-        RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss``.
-        Ignored anchors are masked out rather than indexed away, so no step here waits for the
-        device. Arguments and return value are those of :meth:`RetinaNet.losses`.
+        RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss`` and
+        scaled by ``self.box_reg_loss_weight``. Ignored anchors are masked out rather than
+        indexed away, so no step here waits for the device. Arguments and return value are
+        those of :meth:`RetinaNet.losses`.
         """
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid_mask = gt_labels >= 0
@@ -186,7 +192,7 @@ class RetinaMask(RetinaNet):
         loss_box_reg = self.box_reg_loss(cat(pred_anchor_deltas, dim=1), gt_anchor_deltas, pos_mask)
         return {
             "loss_cls": loss_cls / normalizer,
-            "loss_box_reg": loss_box_reg / normalizer,
+            "loss_box_reg": loss_box_reg * self.box_reg_loss_weight / normalizer,
         }
 
     def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args, **kwargs):
@@ -262,13 +268,30 @@ class RetinaMask(RetinaNet):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ):
+        """
+        RetinaNet's detections, unchanged (up to ``TEST.DETECTIONS_PER_IMAGE`` per image, sorted
+        by score), so that box AP is that of box-only inference, as the paper reports it. With a
+        mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities: the mask head runs
+        on the top ``num_masks_test`` only (Sec. 3.5: "we use the top 50 bounding box
+        predictions as mask proposals"), and the others get all-zero masks, which
+        :func:`retinamask_d2.evaluation.build_coco_evaluator` leaves out of mask AP.
+        """
         results = super().forward_inference(images, features, predictions)
         if not self.mask_on:
             return results
-        if self.num_masks_test > 0:
-            # Detections are sorted by score: keep the top ones, each with its mask (Sec. 3.5).
-            results = [r[: self.num_masks_test] for r in results]
+        if self.num_masks_test <= 0:
+            x = self.mask_pooler(
+                self._mask_features(features), self._pooler_boxes([r.pred_boxes for r in results])
+            )
+            return self.mask_head(x, results)
+        top = [r[: self.num_masks_test] for r in results]
         x = self.mask_pooler(
-            self._mask_features(features), self._pooler_boxes([r.pred_boxes for r in results])
+            self._mask_features(features), self._pooler_boxes([r.pred_boxes for r in top])
         )
-        return self.mask_head(x, results)
+        top = self.mask_head(x, top)
+        for r, t in zip(results, top):
+            # Zeros as long as a slice, not a counted length: a traced graph stays dynamic.
+            rest = r.scores[self.num_masks_test :]
+            zeros = torch.zeros_like(rest)[:, None, None, None].expand(-1, *t.pred_masks.shape[1:])
+            r.pred_masks = torch.cat([t.pred_masks, zeros.to(t.pred_masks.dtype)])
+        return results

@@ -27,6 +27,7 @@ def test_variants_set_the_paper_settings():
         "match0.0+fixed": (0.0, "SmoothL1Loss", False),
         "match0.0+selfadj": (0.0, "SelfAdjustingSmoothL1Loss", False),
         "retinamask": (0.0, "SelfAdjustingSmoothL1Loss", True),
+        "retinamask-d2units": (0.0, "SelfAdjustingSmoothL1Loss", True),
     }
     for variant, (threshold, loss, mask_on) in expected.items():
         cfg = _variant_cfg(variant)
@@ -38,12 +39,40 @@ def test_variants_set_the_paper_settings():
         assert cfg.MODEL.MASK_ON == mask_on
 
 
+def test_variant_list():
+    assert list(ablation.VARIANTS) == [
+        "retinanet", "match0.5+fixed", "match0.0+fixed", "match0.0+selfadj", "retinamask",
+        "retinamask-d2units",
+    ]  # fmt: skip
+    assert set(ablation.PAPER_COCO) == set(ablation.VARIANTS)
+    args = ablation.parse_args(["--variants", "retinamask", "retinamask-d2units"])
+    assert args.variants == ["retinamask", "retinamask-d2units"]
+
+
+def _changed_keys(previous, current):
+    a = ablation._flatten(_variant_cfg(previous))
+    b = ablation._flatten(_variant_cfg(current))
+    return {k for k in a if a[k] != b[k]}
+
+
 def test_each_retinamask_variant_changes_one_key():
     names = [v for v in ablation.VARIANTS if ablation.VARIANTS[v][0] == "retinamask"]
+    names.remove("retinamask-d2units")
     for previous, current in zip(names, names[1:]):
-        a = ablation._flatten(_variant_cfg(previous))
-        b = ablation._flatten(_variant_cfg(current))
-        assert len([k for k in a if a[k] != b[k]]) == 1, (previous, current)
+        assert len(_changed_keys(previous, current)) == 1, (previous, current)
+
+
+def test_units_variant_changes_only_the_units():
+    # "retinamask" trains in the config's reference units, the last row in detectron2's.
+    cfg = _variant_cfg("retinamask")
+    assert cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
+    assert cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 0.25
+    cfg = _variant_cfg("retinamask-d2units")
+    assert cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (1.0, 1.0, 1.0, 1.0)
+    assert cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 1.0
+    assert _changed_keys("retinamask", "retinamask-d2units") == {
+        "MODEL.RETINANET.BBOX_REG_WEIGHTS", "MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT"
+    }  # fmt: skip
 
 
 def test_config_differences_ignore_only_the_architecture():

@@ -203,14 +203,22 @@ def test_beta_is_published_to_event_storage():
     fg = torch.tensor([True, True])
     with EventStorage(start_iter=0) as storage:
         loss_fn(pred, torch.zeros_like(pred), fg)
-        after_first = loss_fn.beta.clone()
+        after_first = {
+            "beta": loss_fn.beta.clone(),
+            "mean": loss_fn.running_mean.clone(),
+            "var": loss_fn.running_var.clone(),
+        }
         storage.iter = 1
         loss_fn(pred, torch.zeros_like(pred), fg)
-        # Iteration 1 starts with the beta that iteration 0 ended with.
-        for c, name in enumerate(["dx", "dy", "dw", "dh"]):
-            value, it = storage.latest()[f"box_reg_beta/{name}"]
-            assert it == 1
-            assert value == pytest.approx(after_first[c].item())
+        # Iteration 1 starts with the statistics and beta that iteration 0 ended with.
+        for stat, expected in after_first.items():
+            for c, name in enumerate(["dx", "dy", "dw", "dh"]):
+                value, it = storage.latest()[f"box_reg_{stat}/{name}"]
+                assert it == 1
+                assert value == pytest.approx(expected[c].item())
+    # Not the initial values: the logged ones moved.
+    assert not torch.equal(after_first["mean"], torch.full((4,), 0.11))
+    assert after_first["var"].abs().sum() > 0
 
 
 def _distributed_worker(out_dir, batches):

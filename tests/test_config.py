@@ -59,3 +59,62 @@ def test_shipped_configs_need_the_retinamask_keys():
     cfg = get_cfg()
     with pytest.raises(KeyError, match="RETINAMASK"):
         cfg.merge_from_file(os.path.join(CONFIG_DIR, "retinamask_R50.yaml"))
+
+
+RETINAMASK_CONFIGS = [
+    "retinamask_R50_1x.yaml",
+    "retinamask_R50.yaml",
+    "retinamask_R101.yaml",
+    "retinamask_R101_GN.yaml",
+    "retinamask_X101_32x8d_GN.yaml",
+    "synthetic/retinamask_synthetic.yaml",
+]
+RETINANET_TWINS = ["retinanet_R50_1x.yaml", "synthetic/retinanet_synthetic.yaml"]
+
+
+def test_retinamask_configs_train_in_the_reference_units():
+    default = get_cfg()
+    add_retinamask_config(default)
+    assert default.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 1.0
+    for name in RETINAMASK_CONFIGS:
+        cfg = load_config(name)
+        # The reference box coder's weights, and its box loss divided by 4 x #positives.
+        assert cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0), name
+        assert cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 0.25, name
+        assert cfg.MODEL.RETINAMASK.BOX_REG_LOSS.BETA == 0.11, name
+    for name in RETINANET_TWINS:
+        cfg = load_config(name)
+        assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+        assert cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (1.0, 1.0, 1.0, 1.0), name
+        assert cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA == 0.11, name
+
+
+def test_configs_follow_the_released_ones():
+    # Train sizes, schedules at batch 16 and box loss of the authors' configs/retina/*.yaml.
+    sizes_2x = (640, 800, 1000)
+    sizes_x101 = (640, 672, 704, 736, 768, 800, 840, 880, 920, 960, 1000)
+    expected = {
+        "retinamask_R50_1x.yaml": ((800,), (60000, 80000), 90000, "SmoothL1Loss"),
+        "retinamask_R50.yaml": (sizes_2x, (120000, 160000), 180000, "SelfAdjustingSmoothL1Loss"),
+        "retinamask_R101.yaml": (sizes_2x, (120000, 160000), 180000, "SelfAdjustingSmoothL1Loss"),
+        "retinamask_R101_GN.yaml": (
+            sizes_2x, (120000, 160000), 180000, "SelfAdjustingSmoothL1Loss"
+        ),
+        "retinamask_X101_32x8d_GN.yaml": (
+            sizes_x101, (120000, 160000), 180000, "SelfAdjustingSmoothL1Loss"
+        ),
+    }  # fmt: skip
+    for name, (sizes, steps, max_iter, loss) in expected.items():
+        cfg = load_config(name)
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == sizes, name
+        assert (cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST) == (1333, 800), name
+        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.01), name
+        assert (tuple(cfg.SOLVER.STEPS), cfg.SOLVER.MAX_ITER) == (steps, max_iter), name
+        assert cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME == loss, name
+        # Best matching at 0: the reference's LOW_QUALITY_MATCHES True, LOW_QUALITY_THRESHOLD 0.
+        assert cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME == "BestMatchMatcher", name
+        assert cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD == 0.0, name
+        # The released GN models (MODEL.USE_GN) normalize FPN and the detection head only.
+        assert cfg.MODEL.ROI_MASK_HEAD.NORM == "", name
+        gn = name.endswith("_GN.yaml")
+        assert (cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM) == (("GN",) * 2 if gn else ("",) * 2)

@@ -125,7 +125,9 @@ def test_torchscript_matches_eager(checkpoint, tmp_path, mask_on):
     # Checked on an image other than the one it was traced on.
     expected = _check_graph(lambda x: ts(x), weights, images[1], mask_on, "torchscript")
     if mask_on:
-        assert expected[2].shape == (50, 1, 28, 28)
+        # All 100 detections, masks predicted for the top 50 and zero for the others.
+        assert expected[2].shape == (100, 1, 28, 28)
+        assert (expected[2][:50] > 0).all() and not expected[2][50:].any()
 
 
 @pytest.mark.parametrize("mask_on", [True, False], ids=["masks", "box-only"])

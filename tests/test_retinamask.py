@@ -78,6 +78,56 @@ def test_shipped_config_trains_one_step(name):
         assert has_grad(model.mask_head)
 
 
+class _RecordTargets(torch.nn.Module):
+    """Wraps a box regression loss and keeps the targets and foreground mask it was given."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, pred_deltas, gt_deltas, fg_mask):
+        self.gt_deltas, self.fg_mask = gt_deltas, fg_mask
+        return self.loss(pred_deltas, gt_deltas, fg_mask)
+
+
+def test_box_deltas_are_in_the_reference_units(small_cfg):
+    # The reference code's box coder: (10 dx, 10 dy, 5 dw, 5 dh).
+    assert small_cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    targets = {}
+    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+        small_cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS = weights
+        model = build_model(small_cfg)
+        assert model.box2box_transform.weights == weights  # decoding at inference too
+        model.box_reg_loss = _RecordTargets(model.box_reg_loss)
+        _train_step(model, batch)
+        fg = model.box_reg_loss.fg_mask
+        assert fg.any()
+        targets[weights] = model.box_reg_loss.gt_deltas[fg]
+    torch.testing.assert_close(
+        targets[(10.0, 10.0, 5.0, 5.0)],
+        targets[(1.0, 1.0, 1.0, 1.0)] * torch.tensor([10.0, 10.0, 5.0, 5.0]),
+    )
+
+
+def test_box_reg_loss_weight_scales_only_the_box_loss(small_cfg):
+    assert small_cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT == 0.25
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
+    model = build_model(small_cfg)
+    state = copy.deepcopy(model.state_dict())
+    weighted = _train_step(model, batch)
+
+    small_cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
+    unweighted_model = build_model(small_cfg)
+    unweighted_model.load_state_dict(state)
+    unweighted = _train_step(unweighted_model, batch)
+    assert set(weighted) == {"loss_cls", "loss_box_reg", "loss_mask"}
+    assert unweighted["loss_box_reg"] > 0
+    torch.testing.assert_close(weighted["loss_box_reg"], 0.25 * unweighted["loss_box_reg"])
+    for name in ("loss_cls", "loss_mask"):
+        torch.testing.assert_close(weighted[name], unweighted[name])
+
+
 def test_mask_loss_trains_the_shared_features(small_cfg):
     model = build_model(small_cfg)
     losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
@@ -161,26 +211,51 @@ def _inference(model, image):
         return model([{"image": image, "height": 2 * H, "width": 2 * W}])[0]["instances"]
 
 
-def test_inference_returns_masks_for_the_top_50(small_cfg):
+def test_inference_returns_box_only_detections_with_masks_for_the_top_50(small_cfg):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # an untrained model scores ~0.01
     model = build_model(small_cfg)
     image = torch.rand(3, H, W) * 255
     out = _inference(model, image)
-    assert len(out) == 50
-    assert out.pred_masks.shape == (50, 2 * H, 2 * W)
+    # Sec. 3.5: box AP counts the top 100 detections, masks are predicted for the top 50.
+    assert len(out) == 100
+    assert out.pred_masks.shape == (100, 2 * H, 2 * W)
     assert out.pred_masks.dtype == torch.bool
     assert torch.all(out.scores[:-1] >= out.scores[1:])
-
-    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 0
-    model_all = build_model(small_cfg)
-    model_all.load_state_dict(model.state_dict())
-    assert len(_inference(model_all, image)) == 100
+    assert out.pred_masks[:50].flatten(1).any(dim=1).all()  # random weights: probabilities ~0.5
+    assert not out.pred_masks[50:].any()
 
     small_cfg.MODEL.MASK_ON = False
     box_only = build_model(small_cfg)
     box_only.load_state_dict(model.state_dict(), strict=False)
-    out = _inference(box_only, image)
-    assert len(out) == 100 and not out.has("pred_masks")
+    boxes = _inference(box_only, image)
+    assert not boxes.has("pred_masks")
+    assert torch.equal(out.pred_boxes.tensor, boxes.pred_boxes.tensor)
+    assert torch.equal(out.scores, boxes.scores)
+    assert torch.equal(out.pred_classes, boxes.pred_classes)
+
+
+def test_mask_head_runs_on_the_top_detections_only(small_cfg):
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 7
+    model = build_model(small_cfg).eval()
+    seen = []
+    model.mask_head.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    batch = _batch(_instances([], []), _instances([], []))
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    with torch.no_grad():
+        results = model.forward_inference(images, features, model.head(features))
+    assert seen == [2 * 7]  # one call, 7 RoIs per image
+    for r in results:
+        assert len(r) == 100 and r.pred_masks.shape == (100, 1, 28, 28)
+        assert (r.pred_masks[:7] > 0).all() and not r.pred_masks[7:].any()
+
+    small_cfg.MODEL.RETINAMASK.NUM_MASKS_TEST = 0  # every detection gets a mask
+    model_all = build_model(small_cfg)
+    model_all.load_state_dict(model.state_dict())
+    out = _inference(model_all, torch.rand(3, H, W) * 255)
+    assert len(out) == 100 and out.pred_masks.flatten(1).any(dim=1).all()
 
 
 def _real_image(path):
@@ -256,7 +331,7 @@ def test_default_predictor_with_a_saved_checkpoint(small_cfg, tmp_path):
     out = predictor(image)["instances"]
     assert isinstance(out, Instances)
     assert out.image_size == (H, W)
-    assert 0 < len(out) <= 50
+    assert 0 < len(out) <= 100
     assert out.pred_masks.shape[1:] == (H, W)
     for p_loaded, p_saved in zip(predictor.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(p_loaded, p_saved)

@@ -1,6 +1,7 @@
 """
-train_net.py end to end on the CPU: training with COCO evaluation, resuming after SIGKILL,
-two-process training, clear errors for bad input, and checkpoints that are never half-written.
+train_net.py end to end on the CPU: training with COCO evaluation (box AP of box-only inference,
+mask AP of the top 50), resuming after SIGKILL, two-process training, clear errors for bad input,
+and checkpoints that are never half-written.
 """
 import glob
 import json
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,7 +118,8 @@ def test_train_checkpoint_and_evaluate(datasets_root, tmp_path):
     assert len(losses) == 2 and losses[-1] < losses[0], records
     training = [r for r in records if "total_loss" in r]
     assert all(k in training[-1] for k in ("loss_cls", "loss_box_reg", "loss_mask"))
-    assert all(f"box_reg_beta/{c}" in training[-1] for c in ("dx", "dy", "dw", "dh"))
+    for stat in ("beta", "mean", "var"):
+        assert all(f"box_reg_{stat}/{c}" in training[-1] for c in ("dx", "dy", "dw", "dh"))
 
     for name in ("model_0000019.pth", "model_final.pth"):
         assert os.path.isfile(os.path.join(out, name)), os.listdir(out)
@@ -134,6 +137,52 @@ def test_train_checkpoint_and_evaluate(datasets_root, tmp_path):
         assert 0 <= records[-1][f"{task}/AP"] <= 100
     assert os.path.isfile(os.path.join(out, "inference", "coco_instances_results.json"))
     assert not glob.glob(os.path.join(out, ".*.partial"))
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_eval_only_box_ap_with_masks_is_box_only_box_ap(
+    datasets_root, registered_in_process, tmp_path
+):
+    # Sec. 3.5: the paper's box AP comes from box-only inference (100 detections per image), its
+    # mask AP from the top 50; one --eval-only run with masks reports both.
+    train_dir = str(tmp_path / "train")
+    train_net.main(
+        _parse_args(
+            *FAST_OPTS, "OUTPUT_DIR", train_dir, "DATASETS.TEST", "()",
+            "SOLVER.MAX_ITER", 30, "SOLVER.CHECKPOINT_PERIOD", 1000,
+        )
+    )  # fmt: skip
+    results, detections = {}, {}
+    for mask_on in (True, False):
+        eval_dir = tmp_path / f"eval_mask_on_{mask_on}"
+        args = _parse_args(
+            "--eval-only", *FAST_OPTS, "OUTPUT_DIR", eval_dir, "MODEL.MASK_ON", mask_on,
+            "MODEL.WEIGHTS", os.path.join(train_dir, "model_final.pth"),
+            # Every image gets the full 100 detections, twice as many as get masks.
+            "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
+        )  # fmt: skip
+        results[mask_on] = train_net.main(args)
+        detections[mask_on] = _read_json(eval_dir / "inference" / "coco_instances_results.json")
+
+    num_images = len(DatasetCatalog.get("synthetic_shapes_val"))
+    assert len(detections[True]) == 100 * num_images
+    assert detections[True] == detections[False]  # same boxes, scores and classes
+    assert results[True]["bbox"]["AP"] > 0
+    np.testing.assert_equal(results[True]["bbox"], results[False]["bbox"])
+
+    assert "segm" not in results[False]
+    assert 0 <= results[True]["segm"]["AP"] <= 100
+    # Mask AP is of each image's top 50 detections, with their masks.
+    masks = _read_json(tmp_path / "eval_mask_on_True/inference/segm/coco_instances_results.json")
+    assert all("segmentation" in d for d in masks)
+    top50 = []
+    for image_id in dict.fromkeys(d["image_id"] for d in detections[True]):
+        top50 += [d for d in detections[True] if d["image_id"] == image_id][:50]
+    assert [{k: v for k, v in d.items() if k != "segmentation"} for d in masks] == top50
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""
+COCO evaluation with the paper's protocol (Sec. 3.5): box AP over every detection (up to
+``TEST.DETECTIONS_PER_IMAGE``), exactly as box-only inference gives it, and mask AP over the top
+``MODEL.RETINAMASK.NUM_MASKS_TEST`` detections of each image, the ones the mask head ran on.
+"""
+import os
+
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.structures import Instances
+
+__all__ = ["TopDetectionsCOCOEvaluator", "build_coco_evaluator"]
+
+
+class TopDetectionsCOCOEvaluator(COCOEvaluator):
+    """
+    A :class:`COCOEvaluator` of each image's top ``num_detections`` detections, which is the
+    first ``num_detections`` as the model returns them (sorted by score). Masks are left out
+    when ``tasks`` has no "segm", so a box-only evaluation does not encode them.
+
+    RetinaMask returns all-zero masks for the detections below its top ``NUM_MASKS_TEST``.
+    COCO mask AP does not skip those: an all-zero mask encodes to an RLE of area 0, which lies
+    in the "all" and "small" area ranges, and its IoU with any ground truth, crowd or not, is 0,
+    so it is a false positive, ranked among the other images' detections by its score, and it
+    lowers mask AP. Evaluating segm on the top detections only leaves them out.
+    """
+
+    def __init__(self, dataset_name, tasks, num_detections: int = 0, **kwargs):
+        """
+        Args:
+            dataset_name, kwargs: as for :class:`COCOEvaluator`.
+            tasks (tuple[str]): "bbox" and/or "segm".
+            num_detections (int): detections kept per image; <= 0 keeps all.
+        """
+        super().__init__(dataset_name, tasks=tasks, **kwargs)
+        self._num_detections = num_detections
+        self._keep_masks = "segm" in tasks
+
+    def process(self, inputs, outputs):
+        kept = []
+        for output in outputs:
+            if "instances" not in output:
+                kept.append(output)
+                continue
+            instances = output["instances"]
+            if self._num_detections > 0:
+                instances = instances[: self._num_detections]
+            if not self._keep_masks and instances.has("pred_masks"):
+                instances = Instances(instances.image_size, **instances.get_fields())
+                instances.remove("pred_masks")
+            kept.append(dict(output, instances=instances))
+        super().process(inputs, kept)
+
+
+def build_coco_evaluator(cfg, dataset_name, output_folder):
+    """
+    The evaluator of ``train_net.py``: box AP on every detection, and with ``MODEL.MASK_ON``
+    mask AP on the top ``NUM_MASKS_TEST`` of each image, with its predictions written to
+    ``output_folder/segm``.
+
+    Returns:
+        DatasetEvaluator: results ``{"bbox": ..., "segm": ...}`` as :class:`COCOEvaluator`'s.
+    """
+    boxes = TopDetectionsCOCOEvaluator(dataset_name, ("bbox",), output_dir=output_folder)
+    if not cfg.MODEL.MASK_ON:
+        return boxes
+    masks = TopDetectionsCOCOEvaluator(
+        dataset_name,
+        ("segm",),
+        cfg.MODEL.RETINAMASK.NUM_MASKS_TEST,
+        output_dir=os.path.join(output_folder, "segm") if output_folder else None,
+    )
+    return DatasetEvaluators([boxes, masks])

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""
+Draw the self-adjusting smooth L1 loss of a training run as the paper's Fig. 3 does: the running
+mean and running variance of |prediction - target| and the control point beta of each box
+coordinate (dx, dy, dw, dh) over the iterations (Sec. 3.2, Eq. 2).
+
+    python3 tools/plot_beta.py output/quickstart/metrics.json --output docs/self_adjusting_beta.png
+
+The curves are read from the metrics.json that detectron2's JSONWriter writes into OUTPUT_DIR,
+where SelfAdjustingSmoothL1Loss logs ``box_reg_{mean,var,beta}/{dx,dy,dw,dh}``: each point is
+the median of the last 20 iterations, written every 20 iterations.
+"""
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+COORDS = ("dx", "dy", "dw", "dh")
+# (key in metrics.json, axis label)
+PANELS = (
+    ("mean", r"running mean $\mu_R$ of $|x|$"),
+    ("var", r"running variance $\sigma_R^2$ of $|x|$"),
+    ("beta", r"$\beta = $ clamp$(\mu_R - \sigma_R^2, \cdot, \hat\beta)$"),
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics", help="metrics.json of a training run")
+    parser.add_argument("--output", default="self_adjusting_beta.png", help="PNG to write")
+    parser.add_argument(
+        "--beta-max", type=float, default=0.11,
+        help="beta-hat, drawn as a dashed line (MODEL.RETINAMASK.BOX_REG_LOSS.BETA)",
+    )  # fmt: skip
+    parser.add_argument("--title", default=None, help="default: the run's directory")
+    return parser.parse_args(argv)
+
+
+def read_curves(path):
+    """
+    Returns:
+        dict: ``{stat: {coord: (iterations, values)}}`` for stat in mean, var, beta, sorted by
+        iteration. A resumed run writes some iterations twice; the last record wins.
+    """
+    points = {stat: {c: {} for c in COORDS} for stat, _ in PANELS}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+            for stat, by_coord in points.items():
+                for coord, values in by_coord.items():
+                    key = f"box_reg_{stat}/{coord}"
+                    if key in record:
+                        values[record["iteration"]] = record[key]
+    if not any(points[stat][c] for stat in points for c in COORDS):
+        raise ValueError(
+            f"{path} has no box_reg_mean/*, box_reg_var/* or box_reg_beta/* values: the run did "
+            "not train with MODEL.RETINAMASK.BOX_REG_LOSS.NAME SelfAdjustingSmoothL1Loss, or "
+            "predates the logging of the running statistics."
+        )
+    return {
+        stat: {c: tuple(zip(*sorted(values.items()))) or ((), ()) for c, values in by_coord.items()}
+        for stat, by_coord in points.items()
+    }
+
+
+def plot(curves, output, beta_max=None, title=None):
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(7, 8), sharex=True)
+    for ax, (stat, label) in zip(axes, PANELS):
+        for coord in COORDS:
+            iterations, values = curves[stat][coord]
+            ax.plot(iterations, values, label=coord, linewidth=1.2)
+        if stat == "beta" and beta_max is not None:
+            ax.axhline(beta_max, color="gray", linestyle="--", linewidth=1)
+            ax.set_ylim(0, 1.25 * beta_max)  # room for the label above the clamp bound
+            ax.annotate(
+                r"$\hat\beta$ = " + f"{beta_max:g}", (0.01, beta_max),
+                xycoords=("axes fraction", "data"), va="bottom", color="gray",
+            )  # fmt: skip
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(ncol=len(COORDS), loc="upper right")
+    axes[-1].set_xlabel("iteration")
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    title = args.title
+    if title is None:
+        run = os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
+        title = f"Self-adjusting smooth L1, {run} (medians over 20 iterations)"
+    plot(read_curves(args.metrics), args.output, beta_max=args.beta_max, title=title)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -23,7 +23,7 @@ def load_config(name, *opts):
     return cfg
 
 
-# A ResNet-18 variant of retinamask_R50_1x.yaml with narrow FPN and heads: same code paths,
+# A ResNet-18 variant of retinamask_R50.yaml with narrow FPN and heads: same code paths,
 # a fraction of the compute.
 SMALL_MODEL_OPTS = [
     "MODEL.RESNETS.DEPTH", 18,
@@ -38,4 +38,4 @@ SMALL_MODEL_OPTS = [
 
 @pytest.fixture
 def small_cfg():
-    return load_config("retinamask_R50_1x.yaml", *SMALL_MODEL_OPTS)
+    return load_config("retinamask_R50.yaml", *SMALL_MODEL_OPTS)

@@ -273,7 +273,7 @@ def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
     retinamask = build_model(small_cfg)
     # A few training steps so that the loss statistics and weights are not at their defaults.
     batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
-    opt = torch.optim.SGD(retinamask.parameters(), lr=0.01)
+    opt = torch.optim.SGD(retinamask.parameters(), lr=0.001)
     for _ in range(2):
         sum(_train_step(retinamask, batch).values()).backward()
         opt.step()

@@ -6,6 +6,7 @@ converter of the authors' checkpoints into detectron2 checkpoints.
 Everything else the released models do is plain detectron2 configuration; see
 ``configs/original/*.yaml``.
 """
+
 import math
 import os
 import re
@@ -146,7 +147,10 @@ _RENAMES = [
     (r"^backbone\.body\.stem\.bn1\.", "backbone.bottom_up.stem.conv1.norm."),
     (r"^backbone\.body\.layer(\d)\.(\d+)\.conv(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3."),
     (r"^backbone\.body\.layer(\d)\.(\d+)\.bn(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3.norm."),
-    (r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.", r"backbone.bottom_up.res{s}.\2.shortcut."),
+    (
+        r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.",
+        r"backbone.bottom_up.res{s}.\2.shortcut.",
+    ),
     (
         r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.1\.",
         r"backbone.bottom_up.res{s}.\2.shortcut.norm.",
@@ -291,8 +295,12 @@ def convert_original_state_dict(
         _fold_frozen_bn(converted, key[: -len("running_var")], frozen_bn_eps)
 
     perm = _anchor_permutation(num_sizes, num_ratios)
-    for key in ("head.cls_score.weight", "head.cls_score.bias", "head.bbox_pred.weight",
-                "head.bbox_pred.bias"):
+    for key in (
+        "head.cls_score.weight",
+        "head.cls_score.bias",
+        "head.bbox_pred.weight",
+        "head.bbox_pred.bias",
+    ):
         if converted[key].shape[0] % len(perm):
             raise OriginalCheckpointError(
                 f"{key} has {converted[key].shape[0]} outputs, not a multiple of the "
@@ -353,7 +361,9 @@ def convert_original_checkpoint(
     """
     num_sizes = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
     num_ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
-    _check_cell_anchors(state_dict, model.anchor_generator, _anchor_permutation(num_sizes, num_ratios))
+    _check_cell_anchors(
+        state_dict, model.anchor_generator, _anchor_permutation(num_sizes, num_ratios)
+    )
     converted, dropped = convert_original_state_dict(
         state_dict, num_sizes=num_sizes, num_ratios=num_ratios
     )
@@ -406,4 +416,3 @@ def convert_original_file(cfg, src: str, dst: str) -> Dict[str, object]:
         "dropped": dropped,
         "not_in_checkpoint": [k for k in model.state_dict() if k not in converted],
     }
-

@@ -251,12 +251,12 @@ class RetinaMask(RetinaNet):
                 instances.gt_masks = gt_i.gt_masks[matched_idxs[fg]]
             mask_instances.append(instances)
 
-        x = self.mask_pooler(
-            self._mask_features(features), self._pooler_boxes([x.proposal_boxes for x in mask_instances])
-        )
+        boxes = self._pooler_boxes([x.proposal_boxes for x in mask_instances])
+        x = self.mask_pooler(self._mask_features(features), boxes)
         return self.mask_head(x, mask_instances)
 
     def _pooler_boxes(self, boxes: List[Boxes]) -> List[Boxes]:
+        # The reference's boxes are inclusive: its RoIAlign sees detectron2's x2 - 1, y2 - 1.
         if not self.mask_pooler_inclusive_boxes:
             return boxes
         return [Boxes(b.tensor - b.tensor.new_tensor([0.0, 0.0, 1.0, 1.0])) for b in boxes]

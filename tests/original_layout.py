@@ -3,6 +3,7 @@ Synthetic checkpoints in the layout of the authors' RetinaMask (chengyangfu/reti
 maskrcnn-benchmark): the parameter names and shapes its ResNet-FPN RetinaNet with a mask head
 saves, filled with random values.
 """
+
 from collections import OrderedDict
 
 import numpy as np
@@ -38,7 +39,12 @@ def reference_cell_anchors(stride, sizes, ratios=(0.5, 1.0, 2.0)):
         for size in sizes:
             w, h = w0 * size / stride, h0 * size / stride
             anchors.append(
-                [center - (w - 1) / 2, center - (h - 1) / 2, center + (w - 1) / 2, center + (h - 1) / 2]
+                [
+                    center - (w - 1) / 2,
+                    center - (h - 1) / 2,
+                    center + (w - 1) / 2,
+                    center + (h - 1) / 2,
+                ]
             )
     return torch.tensor(anchors, dtype=torch.float32)
 

@@ -224,7 +224,8 @@ def original_r50(tmp_path_factory):
 
 
 def _cached_files(cache):
-    return sorted(os.path.relpath(os.path.join(r, f), cache) for r, _, fs in os.walk(cache) for f in fs)
+    files = (os.path.join(root, f) for root, _, names in os.walk(cache) for f in names)
+    return sorted(os.path.relpath(f, cache) for f in files)
 
 
 def test_authors_models_are_listed_with_their_figures():
@@ -235,7 +236,11 @@ def test_authors_models_are_listed_with_their_figures():
         "original/retinamask_X101_32x8d_GN.yaml",
     ]
     r101 = ORIGINAL_MODELS["original/retinamask_R101.yaml"]
-    assert (r101.box_ap, r101.mask_ap, r101.drive_id) == (41.4, 36.6, "1Fl-TI1oDRVBFYI1h1mn7IiEOXwTIR3AC")
+    assert (r101.box_ap, r101.mask_ap, r101.drive_id) == (
+        41.4,
+        36.6,
+        "1Fl-TI1oDRVBFYI1h1mn7IiEOXwTIR3AC",
+    )
     for name in ORIGINAL_MODELS:
         url = "retinamask://{}.pth".format(name[: -len(".yaml")])
         assert model_zoo.get_checkpoint_url(name) == url
@@ -243,7 +248,9 @@ def test_authors_models_are_listed_with_their_figures():
         assert model_zoo.get_config(name).MODEL.WEIGHTS == url
 
 
-def test_authors_model_downloaded_once_converted_and_cached(original_r50, isolated_zoo, monkeypatch):
+def test_authors_model_downloaded_once_converted_and_cached(
+    original_r50, isolated_zoo, monkeypatch
+):
     with serve(original_r50.parent) as url:
         monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
         model = model_zoo.get(ORIGINAL_CONFIG, trained=True)
@@ -263,7 +270,9 @@ def test_authors_model_downloaded_once_converted_and_cached(original_r50, isolat
     cfg.MODEL.DEVICE = "cpu"
     again = build_model(cfg)
     DetectionCheckpointer(again).load(cfg.MODEL.WEIGHTS)
-    assert torch.equal(again.state_dict()["head.cls_subnet.2.weight"], original["rpn.head.cls_tower.2.weight"])
+    assert torch.equal(
+        again.state_dict()["head.cls_subnet.2.weight"], original["rpn.head.cls_tower.2.weight"]
+    )
 
 
 def test_corrupt_authors_download_is_removed(original_r50, tmp_path, isolated_zoo, monkeypatch):
@@ -295,7 +304,9 @@ class _CutOffHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_interrupted_authors_download_leaves_no_finished_file(original_r50, isolated_zoo, monkeypatch):
+def test_interrupted_authors_download_leaves_no_finished_file(
+    original_r50, isolated_zoo, monkeypatch
+):
     handler = type("Handler", (_CutOffHandler,), {"data": original_r50.read_bytes()})
     with serve(None, handler=handler) as url:
         monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)

@@ -76,7 +76,8 @@ def test_every_key_converted_and_loaded(r50, tmp_path):
     )
     # 81 reference mask channels: background row 0 dropped, class k is the reference's k + 1.
     torch.testing.assert_close(
-        converted["mask_head.predictor.weight"], original["mask.predictor.mask_fcn_logits.weight"][1:]
+        converted["mask_head.predictor.weight"],
+        original["mask.predictor.mask_fcn_logits.weight"][1:],
     )
     torch.testing.assert_close(
         converted["mask_head.predictor.bias"], original["mask.predictor.mask_fcn_logits.bias"][1:]
@@ -92,7 +93,9 @@ def test_frozen_bn_computes_reference_function(r50, tmp_path):
     norm = model.backbone.bottom_up.stem.conv1.norm
     x = torch.randn(2, 64, 3, 3)
     p = "backbone.body.stem.bn1."
-    w, b, m, v = (original[p + k].view(1, -1, 1, 1) for k in ("weight", "bias", "running_mean", "running_var"))
+    w, b, m, v = (
+        original[p + k].view(1, -1, 1, 1) for k in ("weight", "bias", "running_mean", "running_var")
+    )
     torch.testing.assert_close(norm(x), (x - m) * w / v.sqrt() + b)
 
 
@@ -154,7 +157,9 @@ def test_ddp_prefix_and_legacy_serialization(r50, tmp_path):
     torch.save(trainer_checkpoint(original, ddp=True), legacy, _use_new_zipfile_serialization=False)
     loaded = load_original_checkpoint(str(legacy))
     assert list(loaded) == list(original)
-    torch.testing.assert_close(loaded["rpn.head.cls_logits.bias"], original["rpn.head.cls_logits.bias"])
+    torch.testing.assert_close(
+        loaded["rpn.head.cls_logits.bias"], original["rpn.head.cls_logits.bias"]
+    )
 
 
 def _run_tool(*args):
@@ -175,7 +180,10 @@ def test_tool_converts_and_prints_summary(r50, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"Converted {len(original) - 5} tensors" in result.stdout
     assert "dropped rpn.anchor_generator.cell_anchors.0" in result.stdout
-    assert "not in the checkpoint, starts from its initial value: box_reg_loss.running_mean" in result.stdout
+    assert (
+        "not in the checkpoint, starts from its initial value: box_reg_loss.running_mean"
+        in result.stdout
+    )
     assert dst.is_file()
 
 

@@ -15,6 +15,7 @@ A reference detection agrees when a detection of ours of the same class overlaps
 >= 0.5 (greedy, by score), with score difference <= 1e-3, every box coordinate within 1 pixel
 (the authors' x2 + 1 is our x2) and, with masks, pasted-mask IoU >= 0.9.
 """
+
 import argparse
 import json
 import logging
@@ -102,6 +103,8 @@ def summarize(results):
         "agreeing": sum(p["agrees"] for p in pairs),
         "agreement": sum(p["agrees"] for p in pairs) / max(num_ref, 1),
     }
+    if pairs and "mask_iou" in pairs[0]:
+        summary["mask_iou_ok"] = sum(p["mask_iou"] >= MASK_IOU for p in pairs)
     # Pasting differs most, in relative terms, for COCO's small objects (< 32 x 32 pixels).
     larger = [p for p in pairs if p["area"] >= 32 * 32]
     if larger and "mask_iou" in larger[0]:
@@ -164,9 +167,9 @@ def main(argv=None):
             f"max score diff {s.get('score_diff', {}).get('max', float('nan')):.2e}, "
             f"max box diff {s.get('box_diff', {}).get('max', float('nan')):.3f} px"
             + (
-                f", mask IoU >= {MASK_IOU}: {sum(p['mask_iou'] >= MASK_IOU for r in same for p in r['pairs'])}"
-                f"/{s['matched']} (objects of 32x32 px or more: {s.get('mask_iou_ok_medium_large')}"
-                f"/{s.get('matched_medium_large')}), mean mask IoU {s['mask_iou']['mean']:.3f}"
+                f", mask IoU >= {MASK_IOU}: {s['mask_iou_ok']}/{s['matched']} (objects of 32x32 "
+                f"px or more: {s.get('mask_iou_ok_medium_large')}/{s.get('matched_medium_large')})"
+                f", mean mask IoU {s['mask_iou']['mean']:.3f}"
                 if "mask_iou" in s
                 else ""
             )

@@ -9,6 +9,7 @@ checkpoint for the matching config in configs/original/:
 The output loads with detectron2's DetectionCheckpointer (MODEL.WEIGHTS). On any problem the
 script prints one line naming it, exits with status 1 and writes nothing.
 """
+
 import argparse
 import sys
 

@@ -10,7 +10,7 @@ from .build import (
     build_box_reg_loss,
 )
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
-from .config import add_retinamask_config
+from .config import InputError, add_retinamask_config, get_retinamask_cfg
 from .evaluation import TopDetectionsCOCOEvaluator, build_coco_evaluator
 from .matcher import BestMatchMatcher
 from .original import DetectronAnchorGenerator, build_retinamask_resnet_fpn_backbone

@@ -1,4 +1,15 @@
+import os
+
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+
+class InputError(ValueError):
+    """
+    Input a user has to change: a config, a file, a dataset. The message names the problem and
+    the fix in one line; the command-line scripts print it without a traceback.
+    """
 
 
 def add_retinamask_config(cfg):
@@ -55,3 +66,40 @@ def add_retinamask_config(cfg):
     # Pool mask features over the reference's inclusive boxes, (x1, y1, x2 - 1, y2 - 1) in
     # detectron2's coordinates, as its RoIAlign receives them.
     _C.MODEL.RETINAMASK.MASK_POOLER_INCLUSIVE_BOXES = False
+
+
+def get_retinamask_cfg(config_file=None, opts=()):
+    """
+    The one way this project builds a config: detectron2's defaults, the keys of
+    :func:`add_retinamask_config`, then ``config_file`` (with its ``_BASE_`` chain) and the
+    ``KEY VALUE`` pairs of ``opts``. The result is not frozen.
+
+    Raises:
+        InputError: ``config_file`` is missing or is not a YAML mapping.
+    """
+    cfg = get_cfg()
+    add_retinamask_config(cfg)
+    if config_file:
+        _check_config_file(config_file)
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _check_config_file(path):
+    if not os.path.isfile(path):
+        raise InputError(
+            f"Config file {path!r} does not exist. Pass the path of a YAML config, e.g. "
+            "configs/synthetic/retinamask_synthetic.yaml; the shipped ones are under configs/."
+        )
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        problem = str(e).replace("\n", " ")
+        raise InputError(f"Config file {path!r} is not valid YAML ({problem}). Fix its syntax.")
+    if not isinstance(content, dict):
+        raise InputError(
+            f"Config file {path!r} is not a YAML mapping of config keys (it holds "
+            f"{type(content).__name__}). Pass a config such as configs/retinamask_R50.yaml."
+        )

@@ -28,6 +28,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .checkpoint import write_atomically
+from .config import InputError
 
 __all__ = [
     "DetectronAnchorGenerator",
@@ -131,7 +132,7 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     return backbone
 
 
-class OriginalCheckpointError(ValueError):
+class OriginalCheckpointError(InputError):
     """
     A file that is not a checkpoint of the reference's RetinaMask, or one that does not fit
     the config it is converted for. The message is one line naming the problem.

@@ -3,24 +3,20 @@ import sys
 
 import pytest
 
-from detectron2.config import get_cfg
-
 # Tests run against the source tree, with or without `pip install -e .`.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from retinamask_d2 import add_retinamask_config  # noqa: E402
+from retinamask_d2 import get_retinamask_cfg  # noqa: E402
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 def load_config(name, *opts):
     """A shipped config with ``opts`` merged, on the CPU and without pretrained weights."""
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, name))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
-    return cfg
+    return get_retinamask_cfg(
+        os.path.join(CONFIG_DIR, name), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts]
+    )
 
 
 # A ResNet-18 variant of retinamask_R50.yaml with narrow FPN and heads: same code paths,

@@ -6,7 +6,7 @@ import pytest
 from detectron2.config import get_cfg
 
 from conftest import CONFIG_DIR, load_config
-from retinamask_d2 import add_retinamask_config
+from retinamask_d2 import InputError, add_retinamask_config, get_retinamask_cfg
 
 SHIPPED = sorted(
     os.path.relpath(p, CONFIG_DIR)
@@ -118,3 +118,25 @@ def test_configs_follow_the_released_ones():
         assert cfg.MODEL.ROI_MASK_HEAD.NORM == "", name
         gn = name.endswith("_GN.yaml")
         assert (cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM) == (("GN",) * 2 if gn else ("",) * 2)
+
+
+def test_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
+    text = tmp_path / "notes.yaml"
+    text.write_text("just some notes, not a config\n")
+    with pytest.raises(InputError, match="not a YAML mapping.*configs/retinamask_R50.yaml"):
+        get_retinamask_cfg(str(text))
+    with pytest.raises(InputError, match="does not exist"):
+        get_retinamask_cfg(str(tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("MODEL: [\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        get_retinamask_cfg(str(broken))
+
+
+def test_one_function_builds_every_config():
+    cfg = get_retinamask_cfg(
+        os.path.join(CONFIG_DIR, "retinamask_R50.yaml"), ["MODEL.RETINAMASK.NUM_MASKS_TEST", "7"]
+    )
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaMask"
+    assert cfg.MODEL.RETINAMASK.NUM_MASKS_TEST == 7
+    assert get_retinamask_cfg().MODEL.RETINAMASK.NUM_MASKS_TEST == 50

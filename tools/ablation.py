@@ -18,6 +18,7 @@ The table gives mean +- sample std over seeds, and for each RetinaMask variant t
 AP from the row above it, paired by seed (same initialization and image order), which is less
 noisy than the difference of the means. Results go to ``<output>/results.json``.
 """
+
 import argparse
 import hashlib
 import json
@@ -32,7 +33,6 @@ import sys
 import time
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,11 +191,7 @@ def parse_args(argv=None):
 
 
 def load_cfg(config_file, opts=()):
-    cfg = get_cfg()
-    retinamask_d2.add_retinamask_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return retinamask_d2.get_retinamask_cfg(config_file, opts)
 
 
 def _flatten(cfg, prefix=""):

@@ -13,6 +13,7 @@ are calibrated on the first input (so activations have the scale of a trained ne
 score threshold is 0: every image gives the full 100 detections and the mask head runs on its
 maximum of 50.
 """
+
 import argparse
 import copy
 import json
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -55,8 +55,14 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", default="configs/retinamask_R50_1x.yaml")
     parser.add_argument("--weights", default="", help="checkpoint loaded into every model")
     parser.add_argument("--dataset", default="", help="a registered dataset to take inputs from")
-    parser.add_argument("--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"),
-                        help="image size of the generated inputs (without --dataset)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(512, 640),
+        metavar=("H", "W"),
+        help="image size of the generated inputs (without --dataset)",
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="images per training step")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="timed repetitions per model")
@@ -69,10 +75,9 @@ def parse_args(argv=None):
 
 
 def build_cfg(args, overrides):
-    cfg = get_cfg()
-    retinamask_d2.add_retinamask_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", *args.opts])
+    cfg = retinamask_d2.get_retinamask_cfg(
+        args.config_file, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", *args.opts]
+    )
     if not args.weights:
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
     cfg.merge_from_list(overrides)
@@ -285,8 +290,10 @@ def main(args):
     cfg = build_cfg(args, VARIANTS["RetinaMask masks"])
     images, batches = make_inputs(args, cfg)
     image_hw = tuple(images[0]["image"].shape[1:])
-    logger.info(f"{args.config_file} on {args.device}, {torch.get_num_threads()} threads, "
-                f"images {image_hw}, weights: {args.weights or 'random, score threshold 0'}")
+    logger.info(
+        f"{args.config_file} on {args.device}, {torch.get_num_threads()} threads, "
+        f"images {image_hw}, weights: {args.weights or 'random, score threshold 0'}"
+    )
 
     results = {name: {} for name in models}
     for name, value in count_flops(models, images[0]).items():
@@ -315,12 +322,17 @@ def main(args):
         for key in ("gflops", "latency_s", "train_iter_s"):
             r[f"{key}_ratio"] = r[key] / base[key]
 
-    header = (f"{'model':<22}{'GFLOPs':>9}{'ratio':>8}{'latency ms':>12}{'ratio':>8}"
-              f"{'train it s':>12}{'ratio':>8}{'peak RSS inf/train MiB':>26}")
+    header = (
+        f"{'model':<22}{'GFLOPs':>9}{'ratio':>8}{'latency ms':>12}{'ratio':>8}"
+        f"{'train it s':>12}{'ratio':>8}{'peak RSS inf/train MiB':>26}"
+    )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
-        mem = (f"{r['inference_peak_cpu_rss_mib']:.0f} / {r['train_peak_cpu_rss_mib']:.0f}"
-               if not args.no_memory else "-")
+        mem = (
+            f"{r['inference_peak_cpu_rss_mib']:.0f} / {r['train_peak_cpu_rss_mib']:.0f}"
+            if not args.no_memory
+            else "-"
+        )
         lines.append(
             f"{name:<22}{r['gflops']:>9.2f}{r['gflops_ratio']:>8.3f}"
             f"{r['latency_s'] * 1e3:>12.1f}{r['latency_s_ratio']:>8.3f}"

@@ -26,12 +26,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, pairwise_iou
 
-from retinamask_d2 import add_retinamask_config
+from retinamask_d2 import get_retinamask_cfg
 
 SCORE_TOL, BOX_TOL, MASK_IOU = 1e-3, 1.0, 0.9
 
@@ -131,10 +130,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_retinamask_cfg(args.config_file, args.opts)
     with open(args.reference) as f:
         reference = json.load(f)
 

@@ -13,9 +13,8 @@ script prints one line naming it, exits with status 1 and writes nothing.
 import argparse
 import sys
 
-from detectron2.config import get_cfg
 
-from retinamask_d2 import add_retinamask_config
+from retinamask_d2 import get_retinamask_cfg
 from retinamask_d2.original import OriginalCheckpointError, convert_original_file
 
 
@@ -27,11 +26,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
     try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = get_retinamask_cfg(args.config_file, args.opts)
         summary = convert_original_file(cfg, args.original, args.output)
     except (OriginalCheckpointError, OSError, KeyError, ValueError) as e:
         print(f"convert_original.py: error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ The curves are read from the metrics.json that detectron2's JSONWriter writes in
 where SelfAdjustingSmoothL1Loss logs ``box_reg_{mean,var,beta}/{dx,dy,dw,dh}``: each point is
 the median of the last 20 iterations, written every 20 iterations.
 """
+
 import argparse
 import json
 import os

@@ -4,10 +4,10 @@ from typing import Dict, List, Optional
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from ..config import add_retinamask_config
+from ..config import get_retinamask_cfg
 from .catalog import MODEL_ZOO_URL_ENV, ORIGINAL_MODELS, ModelZooCatalog, RetinaMaskHandler
 
 __all__ = [
@@ -155,9 +155,7 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
         merged.
     """
     cfg_file = get_config_file(config_path)
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    cfg.merge_from_file(cfg_file)
+    cfg = get_retinamask_cfg(cfg_file)
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
     return cfg

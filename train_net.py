@@ -5,99 +5,105 @@ Train and evaluate RetinaMask with detectron2's DefaultTrainer.
     python train_net.py --config-file configs/retinamask_R50.yaml --num-gpus 8
     python train_net.py --config-file configs/retinamask_R50.yaml --eval-only MODEL.WEIGHTS W
     python train_net.py --config-file configs/retinamask_R50.yaml --num-gpus 8 --resume
+    python train_net.py --config-file configs/retinamask_R50.yaml \\
+        --register-coco my_train train.json images/ DATASETS.TRAIN "('my_train',)"
 
 On a machine without a GPU, ``--num-gpus N MODEL.DEVICE cpu`` trains on N CPU processes.
 """
-import os
 
-import detectron2.engine.defaults as d2_defaults
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+import os
+import sys
+import weakref
+
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from retinamask_d2 import add_retinamask_config
+from retinamask_d2 import InputError, get_retinamask_cfg
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
-from retinamask_d2.data import load_checked_dataset
+from retinamask_d2.config import check_batch_size, config_sets
+from retinamask_d2.data import check_datasets, dataset_num_classes, drop_invalid_annotations
+from retinamask_d2.data import prepare_synthetic_datasets, register_coco_datasets
 from retinamask_d2.evaluation import build_coco_evaluator
 
 
-def _create_ddp_model(model, **kwargs):
-    # detectron2 passes device_ids=[local rank], which DistributedDataParallel rejects for a
-    # module on the CPU; CPU replicas need device_ids=None.
-    if next(model.parameters()).device.type == "cpu":
-        kwargs.setdefault("device_ids", None)
-    return _d2_create_ddp_model(model, **kwargs)
-
-
-_d2_create_ddp_model = d2_defaults.create_ddp_model
+def create_ddp_model(model):
+    """
+    detectron2's create_ddp_model, also for replicas on the CPU: detectron2 passes
+    device_ids=[local rank], which DistributedDataParallel rejects for a module on the CPU.
+    """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return d2_create_ddp_model(
+        model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
+    )
 
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ wraps the model with the module-level create_ddp_model.
-        d2_defaults.create_ddp_model = _create_ddp_model
-        try:
-            super().__init__(cfg)
-        finally:
-            d2_defaults.create_ddp_model = _d2_create_ddp_model
-
-    def build_hooks(self):
-        # DefaultTrainer.__init__ creates self.checkpointer just before calling this, and the
-        # PeriodicCheckpointer built here keeps it: swap in one whose files are never left
-        # half-written, so that a run killed at any moment resumes with --resume.
+        # DefaultTrainer.__init__ with two changes it has no hook for: the create_ddp_model
+        # above, and a checkpointer whose files are complete whenever they exist, so that a run
+        # killed at any moment resumes with --resume.
+        super(DefaultTrainer, self).__init__()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model)
+        trainer = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        # Fail before training, with the file and the fix, rather than in a loader worker.
-        for name in cfg.DATASETS.TRAIN:
-            load_checked_dataset(name, cfg.MODEL.RETINANET.NUM_CLASSES)
-        return build_detection_train_loader(cfg)
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        load_checked_dataset(dataset_name, cfg.MODEL.RETINANET.NUM_CLASSES)
-        return build_detection_test_loader(cfg, dataset_name)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         # Sec. 3.5: box AP on all detections, mask AP on the top NUM_MASKS_TEST.
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return build_coco_evaluator(cfg, dataset_name, output_folder)
 
 
 def setup(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(
-            f"Config file {args.config_file!r} (--config-file) does not exist. Pass the path of "
-            "a YAML config, e.g. configs/synthetic/retinamask_synthetic.yaml; the shipped ones "
-            "are under configs/."
-        )
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    """The config, and the datasets of --register-coco, in every process of the run."""
+    own = [s for s in args.register_coco if MetadataCatalog.get(s[0]).get("json_file", 0) != s[1]]
+    register_coco_datasets(own)
+    cfg = get_retinamask_cfg(args.config_file, args.opts)
+    key = "MODEL.RETINANET.NUM_CLASSES"
+    if args.register_coco and not config_sets(args.config_file, args.opts, key):
+        cfg.MODEL.RETINANET.NUM_CLASSES = dataset_num_classes(args.register_coco[0][0])
+    if args.drop_invalid_annotations:
+        drop_invalid_annotations([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
     cfg.freeze()
-    default_setup(cfg, args)
-    # default_setup logs detectron2 and fvcore only; this package's messages (dataset
-    # generation progress among them) go to the same console and log file.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinamask_d2")
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # Processes sharing a machine share its cores; each taking all of them is ~10x slower.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // comm.get_local_size()))
     return cfg
+
+
+def check(cfg, args):
+    """Fail before any process starts: bad config values, bad datasets."""
+    check_batch_size(cfg, args.num_gpus * args.num_machines)
+    names = [*cfg.DATASETS.TEST, *(() if args.eval_only else cfg.DATASETS.TRAIN)]
+    prepare_synthetic_datasets(names)
+    check_datasets(names, cfg.MODEL.RETINANET.NUM_CLASSES)
 
 
 def main(args):
     cfg = setup(args)
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinamask_d2")
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -110,14 +116,31 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"), help="register a COCO-format dataset (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--drop-invalid-annotations", action="store_true",
+        help="train without the annotations the dataset check rejects, instead of stopping",
+    )  # fmt: skip
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        check(setup(args), args)
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except InputError as e:
+        sys.exit(f"ERROR: {e}")

@@ -1,11 +1,6 @@
 """
-Export a trained RetinaMask for deployment.
-
-    # A checkpoint and config for detectron2's stock RetinaNet (no retinamask_d2 needed to run it)
-    python -m retinamask_d2.export --format box-only --config-file CFG --output DIR MODEL.WEIGHTS W
-    # A traced graph, with masks or (--no-masks) box-only
-    python -m retinamask_d2.export --format torchscript --config-file CFG --output DIR MODEL.WEIGHTS W
-    python -m retinamask_d2.export --format onnx --no-masks --config-file CFG --output DIR MODEL.WEIGHTS W
+Export a trained RetinaMask for deployment (the functions of tools/export_model.py): a checkpoint
+and config for detectron2's stock RetinaNet, or a traced TorchScript or ONNX graph.
 
 The graphs are traced with detectron2's export API (:class:`detectron2.export.TracingAdapter`).
 Their input is one image tensor (3, H, W) in the config's INPUT.FORMAT, already resized as
@@ -14,7 +9,6 @@ the detections before they are scaled to the original image size, with masks as 
 probabilities (detectron2's ``detector_postprocess`` pastes them). Each export is run once on a
 sample image and compared with the eager model; it fails if they differ beyond the tolerance.
 """
-import argparse
 import json
 import logging
 import os
@@ -23,17 +17,15 @@ import time
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, detection_utils
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
-from detectron2.utils.logger import setup_logger
 
-from .config import add_retinamask_config
+from .checkpoint import AtomicDetectionCheckpointer
 
-__all__ = ["export_box_only", "export_graph", "BOX_ONLY_DROPPED_PREFIXES", "GRAPH_TOLERANCE"]
+
+__all__ = ["export_box_only", "export_graph", "sample_image", "BOX_ONLY_DROPPED_PREFIXES", "GRAPH_TOLERANCE"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +45,7 @@ ONNX_OPSET = 16
 
 def _load_model(cfg):
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    AtomicDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 
@@ -191,7 +183,7 @@ def _median_time(fn, repeats=5):
     return statistics.median(times)
 
 
-def _sample_image(cfg, path):
+def sample_image(cfg, path=""):
     """A test input, resized as DefaultPredictor and the test loader do."""
     if not path:
         batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
@@ -200,40 +192,3 @@ def _sample_image(cfg, path):
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     image = aug.get_transform(original).apply_image(original)
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a trained RetinaMask for deployment.")
-    parser.add_argument("--format", required=True, choices=["box-only", "torchscript", "onnx"])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--no-masks", action="store_true", help="trace the box-only detector")
-    parser.add_argument(
-        "--sample-image", default="", help="image to trace and check on; default: first test image"
-    )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE")
-    args = parser.parse_args(argv)
-    setup_logger(name="retinamask_d2")
-    setup_logger(name="detectron2")
-
-    if not os.path.isfile(args.config_file):
-        parser.error(f"--config-file {args.config_file} does not exist.")
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"  # the exported graphs are traced on the CPU
-    if not cfg.MODEL.WEIGHTS:
-        parser.error("Give the trained weights to export: MODEL.WEIGHTS path/to/model_final.pth")
-    if args.no_masks:
-        cfg.MODEL.MASK_ON = False
-    cfg.freeze()
-
-    if args.format == "box-only":
-        export_box_only(cfg, args.output)
-    else:
-        export_graph(cfg, args.output, _sample_image(cfg, args.sample_image), args.format)
-
-
-if __name__ == "__main__":
-    main()

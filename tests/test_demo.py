@@ -1,31 +1,43 @@
 """
-python -m retinamask_d2.demo draws the detections of a checkpoint on images.
+demo/demo.py draws the detections of a checkpoint on images.
 """
+
 import os
+import resource
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
 from conftest import CONFIG_DIR, REPO_ROOT, load_config
-from retinamask_d2 import demo
-from retinamask_d2.data import ensure_synthetic_dataset
+from retinamask_d2.visualization import remove_overlaps
 
 CONFIG_NAME = os.path.join("synthetic", "retinamask_synthetic.yaml")
 
 
+def _write_image(path, size=(128, 128), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(100, 160, (*size, 3), dtype=np.uint8)
+    cv2.ellipse(image, (size[1] // 3, size[0] // 2), (size[1] // 8, size[0] // 5), 0, 0, 360,
+                (40, 200, 90), -1)  # fmt: skip
+    cv2.imwrite(str(path), image)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A folder with two synthetic_shapes images."""
-    _, image_root = ensure_synthetic_dataset(
-        "val", str(tmp_path_factory.mktemp("datasets")), num_images=2
-    )
-    return image_root
+    """A folder with two images."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(2):
+        _write_image(root / f"{i:06d}.png", seed=i)
+    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -39,31 +51,25 @@ def weights(tmp_path_factory):
     return os.path.join(directory, "model.pth")
 
 
+def _demo(*args, weights=None):
+    cmd = [sys.executable, os.path.join("demo", "demo.py"),
+           "--config-file", os.path.join(CONFIG_DIR, CONFIG_NAME), *map(str, args),
+           "MODEL.DEVICE", "cpu", *(["MODEL.WEIGHTS", weights] if weights else [])]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_demo_draws_instances_on_every_image(images, weights, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "retinamask_d2.demo",
-            "--config-file", os.path.join(CONFIG_DIR, CONFIG_NAME),
-            "--input", images,
-            "--output", str(out),
-            "--confidence-threshold", "0",
-            "--scale", "2",
-            "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu",
-        ],
-        cwd=REPO_ROOT,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
+    result = _demo("--input", images, "--output", out, "--confidence-threshold", "0",
+                   "--overlap-threshold", "1", "--scale", "2", weights=weights)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:]
 
     names = sorted(os.listdir(images))
     assert sorted(os.listdir(out)) == names
     for name in names:
         # Threshold 0: all 100 detections (TEST.DETECTIONS_PER_IMAGE), the top 50 with masks.
-        assert f"{name}: 100 instances" in result.stderr + result.stdout
+        assert f"{name}: 100 instances" in result.stdout
         drawn = cv2.imread(str(out / name))
         assert drawn is not None and drawn.shape == (256, 256, 3)
         original = cv2.resize(cv2.imread(os.path.join(images, name)), (256, 256))
@@ -72,34 +78,59 @@ def test_demo_draws_instances_on_every_image(images, weights, tmp_path):
         assert changed.mean() > 0.05, changed.mean()
 
 
-def test_missing_weights_are_a_clear_error(images, tmp_path):
-    argv = [
-        "--config-file", os.path.join(CONFIG_DIR, CONFIG_NAME),
-        "--input", images,
-        "--output", str(tmp_path),
-    ]  # fmt: skip
-    with pytest.raises(ValueError, match="sets no MODEL.WEIGHTS"):
-        demo.main(argv)
-    with pytest.raises(FileNotFoundError, match="no_such.pth"):
-        demo.main(argv + ["MODEL.WEIGHTS", str(tmp_path / "no_such.pth")])
+def test_unreadable_files_are_named_and_skipped(weights, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_image(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("a text file")
+    result = _demo("--input", folder, "--output", tmp_path / "out", weights=weights)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "Skipped" in result.stdout and "broken.png" in result.stdout
+    assert "notes.txt" in result.stdout
+    assert os.listdir(tmp_path / "out") == ["good.png"]
+
+    os.remove(folder / "good.png")
+    result = _demo("--input", folder, "--output", tmp_path / "out2", weights=weights)
+    assert result.returncode != 0
+    assert "None of the 2 input file(s) is a readable image" in result.stdout
 
 
-def test_bad_input_paths_are_named(weights, tmp_path):
-    def run(input_path, config=os.path.join(CONFIG_DIR, CONFIG_NAME)):
-        demo.main(
-            ["--config-file", config, "--input", str(input_path), "--output", str(tmp_path)]
-            + ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu"]
-        )
+def test_huge_image_is_drawn_within_bounded_memory(weights, tmp_path):
+    path = _write_image(tmp_path / "huge.png", size=(3000, 4000))
+    result = _demo("--input", path, "--output", tmp_path / "out", "--scale", "3",
+                   "--confidence-threshold", "0", weights=weights)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:]
+    drawn = cv2.imread(str(tmp_path / "out" / "huge.png"))
+    assert max(drawn.shape[:2]) <= 2000
+    # The largest child so far: torch itself takes several hundred MB; drawing a 12000x9000
+    # canvas with full-size masks took over 10 GB.
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_gb < 3, peak_gb
 
-    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
-        run(tmp_path, config=str(tmp_path / "no_such.yaml"))
-    with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
-        run(tmp_path / "no_such.png")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="No images in folder"):
-        run(empty)
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="broken.png"):
-        run(broken)
+
+def test_bad_weights_and_paths_are_one_line_errors(images, weights, tmp_path):
+    result = _demo("--input", images, "--output", tmp_path)
+    assert result.returncode != 0 and "sets no MODEL.WEIGHTS" in result.stdout
+    assert "Traceback" not in result.stdout
+    result = _demo("--input", tmp_path / "no_such.png", "--output", tmp_path, weights=weights)
+    assert "neither an image file nor a folder" in result.stdout
+    assert "Traceback" not in result.stdout
+    text = tmp_path / "weights.txt"
+    text.write_text("not a checkpoint\n")
+    result = _demo("--input", images, "--output", tmp_path, weights=str(text))
+    assert result.returncode != 0 and "weights.txt" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_remove_overlaps_keeps_the_best_of_each_object():
+    instances = Instances((100, 100))
+    instances.pred_boxes = Boxes(
+        torch.tensor([[10, 10, 50, 50], [11, 11, 50, 52], [60, 60, 90, 90.0]])
+    )
+    instances.scores = torch.tensor([0.6, 0.9, 0.3])
+    instances.pred_classes = torch.tensor([0, 3, 0])  # one object seen as two classes
+    kept = remove_overlaps(instances, 0.5)
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.3])
+    assert kept.pred_classes.tolist() == [3, 0]
+    assert len(remove_overlaps(instances, 1.0)) == 3

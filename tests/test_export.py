@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,20 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import CONFIG_DIR, load_config
-from retinamask_d2.export import GRAPH_TOLERANCE, _inference_before_postprocess, main
+from conftest import CONFIG_DIR, REPO_ROOT, load_config
+from retinamask_d2 import InputError
+from retinamask_d2.export import GRAPH_TOLERANCE, _inference_before_postprocess
+
+_spec = importlib.util.spec_from_file_location(
+    "export_model", os.path.join(REPO_ROOT, "tools", "export_model.py")
+)
+export_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(export_model)
+
+
+def main(argv):
+    """tools/export_model.py with the command-line arguments ``argv``."""
+    export_model.main(export_model.get_parser().parse_args(argv))
 
 CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")
 # An untrained model scores every anchor about 0.01: a threshold of 0 gives full detection sets.
@@ -148,7 +161,7 @@ def test_onnx_matches_eager(checkpoint, tmp_path, mask_on):
 
 
 def test_export_needs_weights_and_an_existing_config(tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="nope.yaml' does not exist"):
         main(["--format", "onnx", "--config-file", "nope.yaml", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="MODEL.WEIGHTS"):
         main(["--format", "onnx", "--config-file", CONFIG, "--output", str(tmp_path)])

@@ -7,6 +7,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import BoxMode
 from PIL import Image
 
 from retinamask_d2.config import InputError
@@ -361,3 +362,32 @@ def test_dataset_num_classes_from_the_json(tmp_path, registered_names):
     assert dataset_num_classes("checks_own") == 2
     with pytest.raises(InputError, match="'no_such_dataset' is not registered"):
         dataset_num_classes("no_such_dataset")
+
+
+def test_register_again_after_drop(tmp_path, registered_names):
+    # With one process, train_net.py registers and drops in the parent and again in main().
+    json_file, image_root, _ = _invalid_dataset(tmp_path)
+    registered_names.append("checks_own")
+    register_coco_datasets([("checks_own", json_file, image_root)])
+    drop_invalid_annotations(["checks_own"])
+
+    register_coco_datasets([("checks_own", json_file, image_root)])
+    assert drop_invalid_annotations(["checks_own"]) == {"checks_own": 3}
+
+
+def test_dataset_without_a_json_file(tmp_path, registered_names):
+    # A dataset with its own loader is checked on its dicts; annotations without id by index.
+    _, image_root, _ = write_coco(str(tmp_path))
+    record = {"file_name": os.path.join(image_root, "image_1.png"), "image_id": 1}
+    record.update(width=WIDTH, height=HEIGHT)
+    boxes = [[2, 3, 12, 11], [12, 3, 2, 11]]
+    record["annotations"] = [
+        {"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for box in boxes
+    ]
+    DatasetCatalog.register("checks_loader", lambda: [record])
+    registered_names.append("checks_loader")
+
+    with pytest.raises(
+        InputError, match=r"1 invalid .*image_1\.png annotation #1: box \[12, 3, -10"
+    ):
+        check_datasets(["checks_loader"], 3)

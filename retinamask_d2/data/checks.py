@@ -355,6 +355,10 @@ def _builtin_name_error(dataset_name: str) -> InputError:
     )
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def _read_json(json_file: str) -> Dict:
     with open(json_file) as f:
         return json.load(f)
@@ -400,7 +404,7 @@ def _load(dataset_name: str, json_file, source: str) -> List[Dict]:
             ) from None
         raise InputError(
             f"Annotation file {source} of dataset {dataset_name!r} is not a valid COCO instances "
-            f"file: {e}. Fix the file."
+            f"file: {_one_line(e)}. Fix the file."
         ) from e
 
 
@@ -432,7 +436,7 @@ def _check_image_files(dataset_name: str, dicts: List[Dict], source: str) -> Non
     except Exception as e:
         raise InputError(
             f"Image file {first} of dataset {dataset_name!r} (listed in {source}) cannot be "
-            f"decoded: {e}. Replace it with a valid image file."
+            f"decoded: {_one_line(e)}. Replace it with a valid image file."
         ) from e
 
 

@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from pycocotools import mask as mask_utils
 
@@ -240,98 +239,3 @@ def test_registered_split_loads_from_given_root(tmp_path, restore_default_regist
 
     assert len(load_checked_dataset("synthetic_shapes_val", SYNTHETIC_SHAPES_NUM_CLASSES)) == 3
     assert not os.path.exists(synthetic_shapes_split_dir("train", str(tmp_path)))
-
-
-# ------------------------------------------------------------------------------------------------
-# load_checked_dataset on bad input.
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def register_bad(tmp_path, dataset):
-    """Register a COCO-format dataset written by the test; unregistered afterwards."""
-    split_dir, data = dataset
-    names = []
-
-    def register(content, image_root=None):
-        name = f"bad_input_{len(names)}"
-        json_file = str(tmp_path / f"{name}.json")
-        with open(json_file, "w") as f:
-            f.write(content if isinstance(content, str) else json.dumps(content))
-        register_coco_instances(
-            name, {}, json_file, image_root or os.path.join(split_dir, "images")
-        )
-        names.append(name)
-        return name, json_file
-
-    register.data = data
-    yield register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
-def test_checks_json_that_does_not_parse(register_bad):
-    name, json_file = register_bad('{"images": [\n  {"id": 1,}\n]}')
-    with pytest.raises(ValueError, match=r"bad_input_0\.json.*not valid JSON.*line 2, column"):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_missing_json(register_bad, tmp_path):
-    name, json_file = register_bad("{}")
-    os.remove(json_file)
-    with pytest.raises(
-        FileNotFoundError, match=r"bad_input_0\.json of dataset .bad_input_0. does not exist"
-    ):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_dataset_without_images(register_bad):
-    name, _ = register_bad(
-        {"images": [], "annotations": [], "categories": register_bad.data["categories"]}
-    )
-    with pytest.raises(ValueError, match=r"has no images.*bad_input_0\.json"):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_missing_and_empty_image_files(register_bad, tmp_path):
-    data = dict(register_bad.data, images=[dict(i) for i in register_bad.data["images"][:3]])
-    data["images"][1]["file_name"] = "does_not_exist.png"
-    name, _ = register_bad(data)
-    with pytest.raises(FileNotFoundError, match=r"missing: .*does_not_exist\.png"):
-        load_checked_dataset(name, 5)
-
-    (tmp_path / "empty.png").write_bytes(b"")
-    data["images"][1]["file_name"] = str(tmp_path / "empty.png")
-    name, _ = register_bad(data)
-    with pytest.raises(FileNotFoundError, match=r"empty: .*empty\.png"):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_first_image_decodes(register_bad, tmp_path):
-    (tmp_path / "garbage.png").write_bytes(b"not an image")
-    data = dict(register_bad.data, images=[dict(i) for i in register_bad.data["images"][:2]])
-    data["images"][0]["file_name"] = str(tmp_path / "garbage.png")
-    name, _ = register_bad(data)
-    with pytest.raises(ValueError, match=r"garbage\.png.*cannot be decoded"):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_category_ids(register_bad):
-    name, _ = register_bad(register_bad.data)
-    with pytest.raises(
-        ValueError, match=r"category id [34] .*outside \[0, 3\).*MODEL\.RETINANET\.NUM_CLASSES"
-    ):
-        load_checked_dataset(name, 3)
-    assert len(load_checked_dataset(name, 5)) == 24
-
-    data = dict(register_bad.data, annotations=[dict(a) for a in register_bad.data["annotations"]])
-    data["annotations"][0]["category_id"] = 99
-    name, _ = register_bad(data)
-    with pytest.raises(ValueError, match=r"bad_input_1\.json.*category_id=99"):
-        load_checked_dataset(name, 5)
-
-
-def test_checks_unregistered_name():
-    with pytest.raises(KeyError, match="not registered"):
-        load_checked_dataset("no_such_dataset", 5)

@@ -386,7 +386,7 @@ def _bad_inputs(tmp_path, good):
     return {
         "json does not parse": ('{"images": [', None, ValueError, "bad.json.*not valid JSON"),
         "no images": (_edit(good, images=[], annotations=[]), None, ValueError, "no images"),
-        "missing image": (missing, None, FileNotFoundError, "are missing: .*no_such_image.png"),
+        "missing image": (missing, None, ValueError, "are missing: .*no_such_image.png"),
         "image does not decode": (first_image_only, str(corrupt_dir), ValueError, "000000.png.*decoded"),
         "category out of range": (out_of_range, None, ValueError, "NUM_CLASSES"),
     }

@@ -4,6 +4,8 @@ Datasets of retinamask_d2. Importing this package registers ``synthetic_shapes_t
 """
 
 from .checks import load_checked_dataset
+from .checks import check_datasets, dataset_num_classes, drop_invalid_annotations
+from .checks import find_invalid_annotations, register_coco_datasets
 from .synthetic import (
     SYNTHETIC_SHAPES_CLASSES,
     SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES,

@@ -16,7 +16,7 @@ import sys
 import weakref
 
 import torch
-from detectron2.data import MetadataCatalog
+from torch.multiprocessing import ProcessRaisedException
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -72,10 +72,9 @@ class Trainer(DefaultTrainer):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
 
 
-def setup(args):
-    """The config, and the datasets of --register-coco, in every process of the run."""
-    own = [s for s in args.register_coco if MetadataCatalog.get(s[0]).get("json_file", 0) != s[1]]
-    register_coco_datasets(own)
+def build_config(args):
+    """The config of the run, after registering the datasets of --register-coco."""
+    register_coco_datasets(args.register_coco)
     cfg = get_retinamask_cfg(args.config_file, args.opts)
     key = "MODEL.RETINANET.NUM_CLASSES"
     if args.register_coco and not config_sets(args.config_file, args.opts, key):
@@ -83,24 +82,30 @@ def setup(args):
     if args.drop_invalid_annotations:
         drop_invalid_annotations([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
     cfg.freeze()
-    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-        # Processes sharing a machine share its cores; each taking all of them is ~10x slower.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // comm.get_local_size()))
     return cfg
 
 
 def check(cfg, args):
-    """Fail before any process starts: bad config values, bad datasets."""
+    """Stop before any process starts on a bad batch size or bad datasets."""
     check_batch_size(cfg, args.num_gpus * args.num_machines)
     names = [*cfg.DATASETS.TEST, *(() if args.eval_only else cfg.DATASETS.TRAIN)]
     prepare_synthetic_datasets(names)
     check_datasets(names, cfg.MODEL.RETINANET.NUM_CLASSES)
 
 
-def main(args):
-    cfg = setup(args)
+def setup(args):
+    """Each process's config and logs; a spawned process registers the datasets again."""
+    cfg = build_config(args)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retinamask_d2")
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # Processes on one machine share its cores; each taking all of them is ~10x slower.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // comm.get_local_size()))
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -133,7 +138,7 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     try:
-        check(setup(args), args)
+        check(build_config(args), args)
         launch(
             main,
             args.num_gpus,
@@ -144,3 +149,9 @@ if __name__ == "__main__":
         )
     except InputError as e:
         sys.exit(f"ERROR: {e}")
+    except ProcessRaisedException as e:
+        # An InputError of a spawned process arrives as the text of its traceback.
+        error = str(e).strip().splitlines()[-1]
+        if not error.startswith(f"{InputError.__module__}.InputError: "):
+            raise
+        sys.exit(f"ERROR: {error.split(': ', 1)[1]}")

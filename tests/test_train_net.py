@@ -3,11 +3,14 @@ train_net.py end to end on the CPU: training with COCO evaluation (box AP of box
 mask AP of the top 50), resuming after SIGKILL, two-process training, clear errors for bad input,
 and checkpoints that are never half-written.
 """
+
 import glob
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,10 +22,10 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser
 
 import train_net
 from conftest import CONFIG_DIR, REPO_ROOT
+from retinamask_d2 import InputError
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.data import ensure_synthetic_dataset, register_synthetic_shapes
 
@@ -76,8 +79,8 @@ def _train_net(datasets_root, *args, **popen_kwargs):
     )
 
 
-def _parse_args(*argv):
-    return default_argument_parser().parse_args(["--config-file", CONFIG, *map(str, argv)])
+def _parse_args(*argv, config=CONFIG):
+    return train_net.argument_parser().parse_args(["--config-file", config, *map(str, argv)])
 
 
 def _load(path):
@@ -127,7 +130,9 @@ def test_train_checkpoint_and_evaluate(datasets_root, tmp_path):
         assert f.read() == "model_final.pth"
     final = _load(os.path.join(out, "model_final.pth"))
     assert final["iteration"] == 39
-    assert "optimizer" in final["trainer"]["_trainer"] and "LRScheduler" in final["trainer"]["hooks"]
+    assert (
+        "optimizer" in final["trainer"]["_trainer"] and "LRScheduler" in final["trainer"]["hooks"]
+    )
     assert "box_reg_loss.running_mean" in final["model"] and "loss_normalizer" in final["model"]
     assert not torch.equal(final["model"]["box_reg_loss.running_mean"], torch.full((4,), 0.11))
 
@@ -255,11 +260,10 @@ def test_resume_after_sigkill(datasets_root, registered_in_process, tmp_path):
 
 # train_net's setup and Trainer under detectron2's launch, as `train_net.py --num-gpus 2` runs
 # them; each rank then saves what its replica ended with.
-_TWO_PROCESS_WORKER = textwrap.dedent(
-    """
+_TWO_PROCESS_WORKER = textwrap.dedent("""
     import os
     import torch
-    from detectron2.engine import default_argument_parser, launch
+    from detectron2.engine import launch
     from detectron2.utils import comm
 
     import train_net
@@ -274,6 +278,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent(
         torch.save(
             {
                 "world_size": comm.get_world_size(),
+                "num_threads": torch.get_num_threads(),
                 "ddp": hasattr(trainer.model, "module"),
                 "iteration": trainer.iter,
                 "beta": model.box_reg_loss.beta,
@@ -286,10 +291,9 @@ _TWO_PROCESS_WORKER = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        args = default_argument_parser().parse_args()
+        args = train_net.argument_parser().parse_args()
         launch(worker, args.num_gpus, dist_url="auto", args=(args,))
-    """
-)
+    """)
 
 
 def test_two_processes_share_the_self_adjusting_beta(datasets_root, tmp_path):
@@ -313,6 +317,8 @@ def test_two_processes_share_the_self_adjusting_beta(datasets_root, tmp_path):
     ranks = [_load(os.path.join(out, f"rank{r}.pth")) for r in (0, 1)]
     for rank in ranks:
         assert rank["world_size"] == 2 and rank["ddp"] and rank["iteration"] == 8
+        # The two processes share the machine's cores rather than each taking all of them.
+        assert rank["num_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     # Each replica saw different images, yet both hold the statistics of the whole batch.
     for key in ("beta", "running_mean", "running_var", "weights"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
@@ -337,7 +343,7 @@ def test_package_messages_reach_the_log(tmp_path):
 def test_missing_config_file_is_named():
     args = _parse_args()
     args.config_file = "configs/synthetic/retinamask_synthtic.yaml"
-    with pytest.raises(FileNotFoundError, match="retinamask_synthtic.yaml.*does not exist"):
+    with pytest.raises(InputError, match="retinamask_synthtic.yaml.*does not exist"):
         train_net.setup(args)
 
 
@@ -387,7 +393,12 @@ def _bad_inputs(tmp_path, good):
         "json does not parse": ('{"images": [', None, ValueError, "bad.json.*not valid JSON"),
         "no images": (_edit(good, images=[], annotations=[]), None, ValueError, "no images"),
         "missing image": (missing, None, ValueError, "are missing: .*no_such_image.png"),
-        "image does not decode": (first_image_only, str(corrupt_dir), ValueError, "000000.png.*decoded"),
+        "image does not decode": (
+            first_image_only,
+            str(corrupt_dir),
+            ValueError,
+            "000000.png.*decoded",
+        ),
         "category out of range": (out_of_range, None, ValueError, "NUM_CLASSES"),
     }
 
@@ -405,18 +416,16 @@ def _bad_inputs(tmp_path, good):
 def test_bad_training_data_is_named_before_training(case, bad_dataset, tmp_path):
     content, image_root, error, message = _bad_inputs(tmp_path, bad_dataset.good)[case]
     name, _ = bad_dataset(content, *([image_root] if image_root else []))
-    args = _parse_args(
-        *FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", "DATASETS.TRAIN", f"('{name}',)"
-    )
+    args = _parse_args(*FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", "DATASETS.TRAIN", f"('{name}',)")
     with pytest.raises(error, match=message):
-        train_net.main(args)
+        train_net.check(train_net.build_config(args), args)
 
 
 def test_bad_test_data_is_named_before_evaluation(bad_dataset, tmp_path):
     name, _ = bad_dataset('{"images": [')
-    cfg = train_net.setup(_parse_args(*FAST_OPTS, "OUTPUT_DIR", tmp_path / "out"))
+    args = _parse_args("--eval-only", *FAST_OPTS, "DATASETS.TEST", f"('{name}',)")
     with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
-        train_net.Trainer.build_test_loader(cfg, name)
+        train_net.check(train_net.build_config(args), args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,11 +434,11 @@ def test_bad_test_data_is_named_before_evaluation(bad_dataset, tmp_path):
 
 # Saves the same name over and over, each time with every weight equal to the iteration, the
 # case where fvcore's in-place writes leave last_checkpoint pointing at a truncated file.
-_SAVE_FOREVER = textwrap.dedent(
-    """
+_SAVE_FOREVER = textwrap.dedent("""
     import sys
     import torch
-    from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
+    from retinamask_d2 import InputError
+from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 
     model = torch.nn.Linear(1024, 4096)
     checkpointer = AtomicDetectionCheckpointer(model, sys.argv[1])
@@ -440,8 +449,7 @@ _SAVE_FOREVER = textwrap.dedent(
         checkpointer.save("model_final", iteration=iteration)
         print(iteration, flush=True)
         iteration += 1
-    """
-)
+    """)
 
 
 def test_checkpoint_killed_while_saving_keeps_the_last_complete_one(tmp_path):
@@ -492,3 +500,109 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
         "last_checkpoint", "model_0000009.pth", "model_final.pth"
     ]  # fmt: skip
     assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: one-line errors, own COCO data, two machines.
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(datasets_root, *args, config=CONFIG):
+    env = dict(_env(datasets_root), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", config, *map(str, args)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+    )  # fmt: skip
+
+
+def _error_line(result):
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["batch 0", "batch not divisible", "plain text config", "text weights", "empty mask levels"],
+)
+def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("just some text\n")
+    args, config, expected = {
+        "batch 0": (["SOLVER.IMS_PER_BATCH", 0], CONFIG, "IMS_PER_BATCH 0 .* set it to"),
+        "batch not divisible": (
+            ["--num-gpus", 2, "SOLVER.IMS_PER_BATCH", 3], CONFIG, "multiple of 2: set it to e.g. 2"
+        ),
+        "plain text config": ([], str(text), "not a YAML mapping"),
+        "text weights": (["--eval-only", "MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
+        "empty mask levels": (["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"),
+    }[case]  # fmt: skip
+    result = _run(datasets_root, *args, *FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", config=config)
+    lines = _error_line(result)
+    assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+
+
+def _two_class_subset(datasets_root, tmp_path):
+    """synthetic_shapes_val with only its first two categories: a COCO file with 2 classes."""
+    val_dir = os.path.join(datasets_root, "synthetic_shapes", "val")
+    data = _read_json(os.path.join(val_dir, "instances.json"))
+    keep = {c["id"] for c in data["categories"][:2]}
+    data["categories"] = data["categories"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep]
+    json_file = tmp_path / "two_classes.json"
+    json_file.write_text(json.dumps(data))
+    return str(json_file), os.path.join(val_dir, "images")
+
+
+def test_register_coco_trains_with_the_class_count_of_the_json(datasets_root, tmp_path):
+    json_file, image_dir = _two_class_subset(datasets_root, tmp_path)
+    out = tmp_path / "out"
+    # A config that does not set MODEL.RETINANET.NUM_CLASSES (detectron2's default: 80).
+    small = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+             "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+             "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 128,
+             "INPUT.MASK_FORMAT", "bitmask"]  # fmt: skip
+    result = _run(
+        datasets_root, "--register-coco", "my_shapes", json_file, image_dir,
+        *FAST_OPTS, *small, "DATASETS.TRAIN", "('my_shapes',)", "DATASETS.TEST", "()",
+        "SOLVER.MAX_ITER", 2, "OUTPUT_DIR", out,
+        config=os.path.join(CONFIG_DIR, "retinamask_R50.yaml"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    final = _load(out / "model_final.pth")["model"]
+    # 9 anchors per position x 2 classes.
+    assert final["head.cls_score.weight"].shape[0] == 9 * 2
+
+    result = _run(datasets_root, "--register-coco", "coco_2017_val", json_file, image_dir)
+    (line,) = _error_line(result)
+    assert "coco_2017_val" in line and "built-in" in line
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback_train_and_finish(datasets_root, tmp_path):
+    out = tmp_path / "out"
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    env = dict(_env(datasets_root), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "train_net.py", "--config-file", CONFIG, "--num-gpus", "1",
+             "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+             *FAST_OPTS, "OUTPUT_DIR", str(out), "DATASETS.TEST", "()",
+             "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+    assert _load(out / "model_final.pth")["iteration"] == 3
+    # Each machine's single process is rank 0 of its machine and holds half of the batch.
+    assert "Rank of current process: 0. World size: 2" in logs[0]
+    assert "Rank of current process: 1. World size: 2" in logs[1]

@@ -13,7 +13,11 @@ from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import InputError, add_retinamask_config, get_retinamask_cfg
 from .evaluation import TopDetectionsCOCOEvaluator, build_coco_evaluator
 from .matcher import BestMatchMatcher
-from .original import DetectronAnchorGenerator, build_retinamask_resnet_fpn_backbone
+from .original import (
+    DetectronAnchorGenerator,
+    OriginalRetinaMask,
+    build_retinamask_resnet_fpn_backbone,
+)
 from .retinamask import RetinaMask
 
 from . import data as _  # only registration of the synthetic_shapes datasets

@@ -1,8 +1,9 @@
 """
 RetinaMask (Fu, Shvets, Berg 2019) for detectron2. Importing this package registers its
-meta-architecture, anchor matcher, box regression losses, the backbone and anchor generator
-of the authors' released models, and the synthetic_shapes datasets.
+meta-architecture, anchor matcher, box regression losses, the backbone, anchor generator and
+test-time box conventions of the authors' released models, and the synthetic_shapes datasets.
 """
+
 from .build import (
     ANCHOR_MATCHER_REGISTRY,
     BOX_REG_LOSS_REGISTRY,

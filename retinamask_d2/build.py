@@ -23,12 +23,13 @@ summed over the foreground elements.
 
 
 def _build(registry: Registry, key: str, name: str, cfg):
+    # Registry.get's own KeyError names the registry but not the config key, nor what exists.
     if name not in registry:
         registered = ", ".join(sorted(k for k, _ in registry))
         raise KeyError(
-            f"{key} = {name!r} is not registered in the {registry._name} registry; "
-            f"registered names are: {registered}. Fix the spelling in the config, or import "
-            f"the module that registers {name!r} before building the model."
+            f"{key} = {name!r} is not registered; registered names are: {registered}. Fix the "
+            f"spelling in the config, or import the module that registers {name!r} before "
+            "building the model."
         )
     return registry.get(name)(cfg)
 

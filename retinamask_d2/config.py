@@ -60,12 +60,8 @@ def add_retinamask_config(cfg):
     # With MODEL.FPN.NORM set, build_retinamask_resnet_fpn_backbone keeps the FPN convolutions'
     # biases, as the reference's GroupNorm FPN does (detectron2 drops them).
     _C.MODEL.RETINAMASK.FPN_CONV_BIAS = True
-    # Clip decoded boxes to the image before NMS, as the reference does (detectron2's
-    # RetinaNet clips after NMS, when the detections are resized to the input image).
-    _C.MODEL.RETINAMASK.CLIP_BOXES_BEFORE_NMS = False
-    # Pool mask features over the reference's inclusive boxes, (x1, y1, x2 - 1, y2 - 1) in
-    # detectron2's coordinates, as its RoIAlign receives them.
-    _C.MODEL.RETINAMASK.MASK_POOLER_INCLUSIVE_BOXES = False
+    # The reference's test-time box conventions (clipping before NMS, inclusive boxes for the
+    # mask pooler) are MODEL.META_ARCHITECTURE "OriginalRetinaMask" (configs/original/).
 
 
 def get_retinamask_cfg(config_file=None, opts=()):

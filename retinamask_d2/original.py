@@ -1,7 +1,8 @@
 """
 Compatibility with the authors' released RetinaMask models (chengyangfu/retinamask, a
-maskrcnn-benchmark fork): the two network parts that detectron2 builds differently, and the
-converter of the authors' checkpoints into detectron2 checkpoints.
+maskrcnn-benchmark fork): the network parts that detectron2 builds differently, the test-time
+box conventions of the reference (:class:`OriginalRetinaMask`), and the converter of the
+authors' checkpoints into detectron2 checkpoints.
 
 Everything else the released models do is plain detectron2 configuration; see
 ``configs/original/*.yaml``.
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_model
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,
     BufferList,
@@ -26,15 +27,18 @@ from detectron2.modeling.anchor_generator import (
 )
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.structures import Boxes
 
 from .checkpoint import write_atomically
 from .config import InputError
+from .retinamask import RetinaMask
 
 __all__ = [
     "DetectronAnchorGenerator",
     "build_retinamask_resnet_fpn_backbone",
     "NEVER_SAVED",
     "OriginalCheckpointError",
+    "OriginalRetinaMask",
     "convert_original_checkpoint",
     "convert_original_file",
     "convert_original_state_dict",
@@ -130,6 +134,44 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         for conv in backbone.lateral_convs + backbone.output_convs:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
     return backbone
+
+
+class _InclusiveBoxPooler(nn.Module):
+    """
+    Wraps an :class:`ROIPooler` so that it pools over the reference's inclusive boxes: its
+    RoIAlign receives (x1, y1, x2 - 1, y2 - 1) in detectron2's coordinates.
+    """
+
+    def __init__(self, pooler: nn.Module):
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        shift = [0.0, 0.0, 1.0, 1.0]
+        return self.pooler(features, [Boxes(b.tensor - b.tensor.new_tensor(shift)) for b in boxes])
+
+
+@META_ARCH_REGISTRY.register()
+class OriginalRetinaMask(RetinaMask):
+    """
+    :class:`RetinaMask` with the reference implementation's test-time box conventions, for
+    its released models (``configs/original/``): decoded boxes are clipped to the image before
+    NMS rather than after it, and mask features are pooled over the reference's inclusive
+    boxes. Parameters and checkpoints are those of :class:`RetinaMask`.
+    """
+
+    @classmethod
+    def _init_mask_branch(cls, cfg, input_shape):
+        ret = super()._init_mask_branch(cfg, input_shape)
+        ret["mask_pooler"] = _InclusiveBoxPooler(ret["mask_pooler"])
+        return ret
+
+    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args, **kwargs):
+        pred = super()._decode_per_level_predictions(
+            anchors, pred_scores, pred_deltas, *args, **kwargs
+        )
+        pred.pred_boxes.clip(pred.image_size)
+        return pred
 
 
 class OriginalCheckpointError(InputError):

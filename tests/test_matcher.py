@@ -58,7 +58,9 @@ def test_box_without_overlap_adds_nothing():
 
 
 def test_ties_all_become_positive():
-    anchors = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [40, 0, 50, 10]]))
+    anchors = Boxes(
+        torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [40, 0, 50, 10]])
+    )
     gt = torch.tensor([[5.0, 0.0, 15.0, 10.0]])  # IoU 1/3 with each of the first two anchors
     matches, labels = _match(0.0, gt, anchors)
     assert labels.tolist() == [1, 1, 0]
@@ -124,5 +126,6 @@ def test_built_from_config():
     assert matcher.thresholds[1:-1] == [0.3, 0.6]
     assert matcher.best_match_threshold == 0.2
     cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME = "BestMatcher"
-    with pytest.raises(KeyError, match="registered names are: BestMatchMatcher"):
+    registered = "NAME = 'BestMatcher' is not registered; registered names are: BestMatchMatcher"
+    with pytest.raises(KeyError, match=registered):
         build_anchor_matcher(cfg)

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from conftest import load_config
-from retinamask_d2 import RetinaMask, SelfAdjustingSmoothL1Loss
+from retinamask_d2 import InputError, RetinaMask, SelfAdjustingSmoothL1Loss
 
 H, W = 128, 160
 
@@ -34,8 +34,7 @@ def _instances(boxes, classes, with_masks=True):
 def _batch(*instances, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"image": torch.rand(3, H, W, generator=g) * 255, "instances": inst}
-        for inst in instances
+        {"image": torch.rand(3, H, W, generator=g) * 255, "instances": inst} for inst in instances
     ]
 
 
@@ -170,9 +169,7 @@ def test_no_detection_survives_the_score_threshold(small_cfg):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 1.0
     model = build_model(small_cfg)
     batch = _batch(_instances([[10, 10, 60, 50]], [1]), _instances([], []))
-    proposals = model._detect_mask_proposals(
-        *_dense_outputs(model, batch), [(H, W), (H, W)]
-    )
+    proposals = model._detect_mask_proposals(*_dense_outputs(model, batch), [(H, W), (H, W)])
     assert [len(p) for p in proposals] == [0, 0]
     losses = _train_step(model, batch)
     assert all(torch.isfinite(v) for v in losses.values()), losses
@@ -333,7 +330,9 @@ def test_default_predictor_with_a_saved_checkpoint(small_cfg, tmp_path):
     assert out.image_size == (H, W)
     assert 0 < len(out) <= 100
     assert out.pred_masks.shape[1:] == (H, W)
-    for p_loaded, p_saved in zip(predictor.model.state_dict().values(), model.state_dict().values()):
+    for p_loaded, p_saved in zip(
+        predictor.model.state_dict().values(), model.state_dict().values()
+    ):
         assert torch.equal(p_loaded, p_saved)
 
 
@@ -363,3 +362,84 @@ def test_box_only_costs_exactly_what_retinanet_costs(small_cfg):
     assert flops[0] == flops[1]
     params = [sum(p.numel() for p in m.parameters()) for m in (box_only, stock)]
     assert params[0] == params[1]
+
+
+def test_num_pos_anchors_is_logged_as_retinanet_logs_it(small_cfg):
+    model = build_model(small_cfg).train()
+    batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]), _instances([], []))
+    anchors, _, _ = _dense_outputs(model, batch)
+    gt_labels, _ = model.label_anchors(anchors, [x["instances"] for x in batch])
+    gt_labels = torch.stack(gt_labels)
+    expected = ((gt_labels >= 0) & (gt_labels != model.num_classes)).sum().item() / 2
+    with EventStorage() as storage:
+        for _ in range(2):  # a step's count reaches the storage during the next step
+            model(batch)
+            storage.step()
+        values = storage.history("num_pos_anchors").values()
+    assert expected > 0
+    assert values == [(expected, 0)]
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ([], "MASK_IN_FEATURES is empty"),
+        (["p2"], r"MASK_IN_FEATURES has \['p2'\], which the detector does not compute"),
+        (["p5", "p6"], r"MASK_IN_FEATURES has \['p6'\], coarser than P5: Eq. 3"),
+        (["p3", "p5"], "are not consecutive FPN levels from fine to coarse"),
+        (["p4", "p3"], "are not consecutive FPN levels from fine to coarse"),
+    ],
+)
+def test_mask_in_features_outside_the_rule_is_a_one_line_input_error(small_cfg, features, message):
+    small_cfg.MODEL.RETINAMASK.MASK_IN_FEATURES = features
+    with pytest.raises(InputError, match=message) as e:
+        build_model(small_cfg)
+    assert "\n" not in str(e.value) and 'e.g. ["p3", "p4", "p5"]' in str(e.value)
+
+
+def test_mask_in_features_may_be_fewer_levels_up_to_p5(small_cfg):
+    small_cfg.MODEL.RETINAMASK.MASK_IN_FEATURES = ["p4", "p5"]
+    model = build_model(small_cfg)
+    losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
+    assert torch.isfinite(losses["loss_mask"])
+
+
+def _confident(model):
+    # Random weights score ~0.01 (the prior); a large bias makes every anchor a detection.
+    torch.nn.init.constant_(model.head.cls_score.bias, 3.0)
+    return model
+
+
+def test_default_predictor_on_a_1x1_image_returns_no_zero_area_box(small_cfg):
+    predictor = DefaultPredictor(small_cfg)
+    _confident(predictor.model)
+    out = predictor(np.full((1, 1, 3), 128, np.uint8))["instances"]
+    assert out.image_size == (1, 1)
+    assert len(out) > 0
+    assert (out.pred_boxes.area() > 0).all()
+
+
+def _nonempty_in_image(instances):
+    boxes = instances.pred_boxes.clone()
+    boxes.clip(instances.image_size)
+    return boxes.nonempty()
+
+
+def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg):
+    # A 1-pixel-high input: most anchors decode to boxes entirely above or below the image.
+    model = _confident(build_model(small_cfg))
+    batch = [{"image": torch.rand(1, 1, W) * 255, "instances": _instances([], [])}]
+    batch[0]["instances"]._image_size = (1, W)
+    anchors, logits, deltas = _dense_outputs(model, batch)
+    proposals = model._detect_mask_proposals(anchors, logits, deltas, [(1, W)])[0]
+    assert len(proposals) == model.num_mask_proposals_train
+    assert _nonempty_in_image(proposals).all()
+
+    model.eval()
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    with torch.no_grad():
+        detections = model.forward_inference(images, features, model.head(features))[0]
+    assert len(detections) == 100  # the top-k is filled with boxes that have an area
+    assert _nonempty_in_image(detections).all()

@@ -140,8 +140,8 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         except InputError:
             raise
         except Exception as e:
-            # torch.load reports a text file as "KeyError: 101" and a truncated one as a zip
-            # error deep in torch; neither says which file or what to do.
+            # torch.load reports a text file as an unpickling error or "KeyError: 101", and a
+            # truncated one as a zip error deep in torch: neither says which file, nor the fix.
             reason = str(e).splitlines()[0] if str(e) else "no details"
             raise InputError(
                 f"Checkpoint {filename!r} is not a readable checkpoint ({type(e).__name__}: "

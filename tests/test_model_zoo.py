@@ -1,5 +1,6 @@
 import contextlib
 import functools
+import hashlib
 import os
 import socket
 import threading
@@ -12,8 +13,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from retinamask_d2 import model_zoo
-from retinamask_d2.model_zoo.catalog import ORIGINAL_MODELS
+from retinamask_d2 import InputError, model_zoo
+from retinamask_d2.model_zoo.catalog import CHECKPOINTS, ORIGINAL_MODELS
 
 from original_layout import original_state_dict, trainer_checkpoint
 
@@ -42,13 +43,109 @@ def serve(directory, handler=None):
         thread.join()
 
 
+def _unused_port():
+    # Bound but never listening: a connection to it is refused at once, so no timeout is needed.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(autouse=True)
 def isolated_zoo(tmp_path, monkeypatch):
-    """Keep downloads out of the home directory."""
+    """Keep downloads out of the home directory and catalogue entries out of other tests."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("FVCORE_CACHE", str(cache))
+    monkeypatch.delenv("RETINAMASK_MODEL_ZOO_URL", raising=False)
     monkeypatch.delenv("RETINAMASK_ORIGINAL_URL", raising=False)
-    return cache
+    saved = dict(CHECKPOINTS)
+    yield cache
+    CHECKPOINTS.clear()
+    CHECKPOINTS.update(saved)
+
+
+ZOO_PATH = "r50/model_final.pth"
+
+
+@pytest.fixture
+def zoo_dir(tmp_path):
+    """A directory laid out like the model zoo, holding one small checkpoint at ZOO_PATH."""
+    root = tmp_path / "zoo"
+    (root / ZOO_PATH).parent.mkdir(parents=True)
+    torch.save({"model": {"weight": torch.arange(6.0).reshape(2, 3)}}, root / ZOO_PATH)
+    return root
+
+
+def test_zoo_url_must_be_set():
+    with pytest.raises(InputError, match="RETINAMASK_MODEL_ZOO_URL is not set"):
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+
+
+def test_download_then_cache_hit_without_server(zoo_dir, isolated_zoo, monkeypatch):
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(zoo_dir / ZOO_PATH))
+    with serve(zoo_dir) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        local = PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert local == str(isolated_zoo / "retinamask_d2" / ZOO_PATH)
+    assert torch.equal(torch.load(local)["model"]["weight"], torch.arange(6.0).reshape(2, 3))
+
+    # The server is gone: only the cache can answer.
+    assert PathManager.get_local_path("retinamask://" + ZOO_PATH) == local
+
+
+def test_checksum_mismatch_fails_and_leaves_no_file(zoo_dir, isolated_zoo, monkeypatch):
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "0" * 64)
+    with serve(zoo_dir) as url, pytest.raises(InputError, match="Checksum mismatch") as e:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert _sha256(zoo_dir / ZOO_PATH) in str(e.value)
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
+
+
+def test_stale_cached_file_is_downloaded_again(zoo_dir, isolated_zoo, monkeypatch):
+    # A cached file that no longer matches its entry (new weights served at the same path).
+    stale = isolated_zoo / "retinamask_d2" / ZOO_PATH
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old weights")
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(zoo_dir / ZOO_PATH))
+    with serve(zoo_dir) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert stale.read_bytes() == (zoo_dir / ZOO_PATH).read_bytes()
+
+
+def test_server_down_error_names_url(monkeypatch):
+    url = "http://127.0.0.1:{}/zoo".format(_unused_port())
+    monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+    with pytest.raises(OSError, match="Could not download") as e:
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert url + "/" + ZOO_PATH in str(e.value)
+
+
+def test_path_missing_on_server_names_url(zoo_dir, isolated_zoo, monkeypatch):
+    with serve(zoo_dir) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        with pytest.raises(OSError, match="Could not download .*404") as e:
+            PathManager.get_local_path("retinamask://r50/model_0004999.pth")
+    assert url + "r50/model_0004999.pth" in str(e.value)
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
+
+
+def test_silent_server_times_out_naming_url(monkeypatch):
+    # Accepts connections (the kernel completes the handshake) but never answers a request.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = "http://127.0.0.1:{}/zoo".format(silent.getsockname()[1])
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        monkeypatch.setenv("RETINAMASK_DOWNLOAD_TIMEOUT", "1")
+        with pytest.raises(OSError, match="Could not download") as e:
+            PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert url + "/" + ZOO_PATH in str(e.value)
+    assert socket.getdefaulttimeout() is None
 
 
 def test_unknown_config_lists_known_names():
@@ -86,6 +183,19 @@ def test_no_trained_weights_published_yet():
             model_zoo.get_checkpoint_url(name)
 
 
+def test_register_checkpoint_sets_trained_weights():
+    url = model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "A" * 64)
+    assert url == "retinamask://" + ZOO_PATH
+    assert model_zoo.get_checkpoint_url(MODEL_CONFIG) == url
+    assert model_zoo.get_config(MODEL_CONFIG, trained=True).MODEL.WEIGHTS == url
+    with pytest.raises(RuntimeError, match="Known configs"):
+        model_zoo.register_checkpoint("mine.yaml", ZOO_PATH, "a" * 64)
+    with pytest.raises(InputError, match="64 hex digits"):
+        model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "not-a-hash")
+    with pytest.raises(InputError, match="authors' models"):
+        model_zoo.register_checkpoint(MODEL_CONFIG, "original/retinamask_R50.pth", "a" * 64)
+
+
 def test_get_untrained_is_in_eval_mode_on_cpu():
     # The synthetic config starts from random weights, so nothing is downloaded.
     model = model_zoo.get(MODEL_CONFIG)
@@ -93,6 +203,28 @@ def test_get_untrained_is_in_eval_mode_on_cpu():
     assert not model.training
     if not torch.cuda.is_available():
         assert next(model.parameters()).device.type == "cpu"
+
+
+def test_get_trained_loads_served_weights(tmp_path, monkeypatch):
+    cfg = model_zoo.get_config(MODEL_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    state = build_model(cfg).state_dict()
+    # A value that random initialization cannot produce.
+    name = next(k for k, v in state.items() if v.dtype == torch.float32 and v.dim() == 4)
+    state[name] = torch.full_like(state[name], 0.25)
+    checkpoint = tmp_path / "zoo" / ZOO_PATH
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"model": state}, checkpoint)
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(checkpoint))
+
+    with serve(tmp_path / "zoo") as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        model = model_zoo.get(MODEL_CONFIG, trained=True)
+
+    assert not model.training
+    loaded = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(loaded[k].cpu(), v), k
 
 
 ORIGINAL_CONFIG = "original/retinamask_R50.yaml"

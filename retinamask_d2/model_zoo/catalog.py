@@ -1,11 +1,13 @@
 """
-The trained models of the RetinaMask model zoo: the authors' four released models. No weights
-trained with this package are published yet.
+The trained models of the RetinaMask model zoo: the authors' four released models, and the
+catalogue of checkpoints trained with this package, empty until some are published.
 """
 
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Tuple
 
-__all__ = ["DOWNLOAD_TIMEOUT_ENV", "ORIGINAL_URL_ENV", "ORIGINAL_MODELS", "OriginalModel"]
+# The server of the catalogued checkpoints, as <URL>/<path in zoo>. No default, since none are
+# published; read at each download, so that setting it after import takes effect.
+MODEL_ZOO_URL_ENV = "RETINAMASK_MODEL_ZOO_URL"
 
 # A mirror that serves the authors' checkpoints as <URL>/<Drive file id>; Google Drive if unset.
 ORIGINAL_URL_ENV = "RETINAMASK_ORIGINAL_URL"
@@ -13,6 +15,11 @@ ORIGINAL_URL_ENV = "RETINAMASK_ORIGINAL_URL"
 DOWNLOAD_TIMEOUT_ENV = "RETINAMASK_DOWNLOAD_TIMEOUT"
 
 PREFIX = "retinamask://"
+
+
+# config name -> (path of its trained checkpoint under $RETINAMASK_MODEL_ZOO_URL, its hex
+# SHA-256); the checkpoint is retinamask://<path>. Empty until weights are published.
+CHECKPOINTS: Dict[str, Tuple[str, str]] = {}
 
 
 class OriginalModel(NamedTuple):

@@ -1,5 +1,7 @@
+import hashlib
 import logging
 import os
+import re
 from typing import Dict, List, Optional
 
 import torch
@@ -10,18 +12,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathHandler, PathManager
 
 from ..checkpoint import AtomicDetectionCheckpointer, write_atomically
-from ..config import get_retinamask_cfg
+from ..config import InputError, get_retinamask_cfg
 from ..original import OriginalCheckpointError, convert_original_file
-from .catalog import DOWNLOAD_TIMEOUT_ENV, ORIGINAL_MODELS, ORIGINAL_URL_ENV, PREFIX
-
-__all__ = [
-    "get",
-    "get_checkpoint_url",
-    "get_config",
-    "get_config_file",
-    "list_configs",
-    "RetinaMaskHandler",
-]
+from .catalog import CHECKPOINTS, DOWNLOAD_TIMEOUT_ENV, MODEL_ZOO_URL_ENV, ORIGINAL_MODELS
+from .catalog import ORIGINAL_URL_ENV, PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +68,42 @@ def get_config_file(config_path: str) -> str:
     return configs[config_path]
 
 
+def register_checkpoint(config_path: str, path_in_zoo: str, sha256: str) -> str:
+    """
+    Make ``get(config_path, trained=True)`` load ``$RETINAMASK_MODEL_ZOO_URL/<path_in_zoo>``,
+    whose hex SHA-256 is ``sha256`` (a download that does not match fails and is not kept).
+
+    Returns:
+        str: the checkpoint's name, ``retinamask://<path_in_zoo>``.
+    """
+    get_config_file(config_path)  # a typo fails here, listing the known names
+    path = path_in_zoo.removeprefix(PREFIX).lstrip("/")
+    if not re.fullmatch("[0-9a-f]{64}", sha256.lower()):
+        raise InputError(f"sha256 {sha256!r} is not 64 hex digits. Pass the file's sha256sum.")
+    if not path or path.startswith("original/"):
+        raise InputError(
+            f"{path_in_zoo!r} is empty or under original/, which holds the authors' models. "
+            f"Pass the checkpoint's path under ${MODEL_ZOO_URL_ENV}."
+        )
+    CHECKPOINTS[config_path] = (path, sha256.lower())
+    return PREFIX + path
+
+
 def get_checkpoint_url(config_path: str) -> str:
     """
     Returns:
-        str: the URL of the model trained with a shipped config. Only the authors' models
-        (``original/*.yaml``) are published: ``retinamask://original/<name>.pth``, their
-        checkpoint converted on first use.
+        str: the URL of the model trained with a shipped config: ``retinamask://<path>`` of its
+        catalogued checkpoint, or for the authors' models (``original/*.yaml``)
+        ``retinamask://original/<name>.pth``, their checkpoint converted on first use.
     """
     get_config_file(config_path)
+    if config_path in CHECKPOINTS:
+        return PREFIX + CHECKPOINTS[config_path][0]
     if config_path not in ORIGINAL_MODELS:
         raise RuntimeError(
             f"No trained weights are published for {config_path} yet. Set MODEL.WEIGHTS to "
-            "your checkpoint: a local file or an http(s) URL (downloaded once and cached)."
+            f"your checkpoint (a local file or URL), or serve it under ${MODEL_ZOO_URL_ENV} and "
+            f"call model_zoo.register_checkpoint({config_path!r}, <path under it>, <sha256>)."
         )
     return PREFIX + config_path[: -len(".yaml")] + ".pth"
 
@@ -119,19 +137,55 @@ def get(config_path: str, trained: bool = False, device: Optional[str] = None):
     return model.eval()
 
 
-def _download(url: str, output: str, what: str, fix: str) -> None:
+def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) -> str:
+    """
+    Returns ``local``, downloading ``url`` there unless it is (and matches ``sha256``, if given)
+    into a temporary file renamed over it once complete and verified. The caller locks ``local``.
+    """
+    if os.path.isfile(local) and not force:
+        with open(local, "rb") as f:
+            if sha256 is None or hashlib.file_digest(f, "sha256").hexdigest() == sha256:
+                return local
     # gdown gets past Google Drive's confirmation page for large files and fails on a
     # connection cut short; its timeout applies to each request, not to the process.
     import gdown
 
     timeout = float(os.environ.get(DOWNLOAD_TIMEOUT_ENV, 60))
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    try:
-        write_atomically(output, "wb", lambda f: gdown.download(url, f, timeout=timeout))
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else "no details"
-        message = f"Could not download {what} from {url} ({type(e).__name__}: {reason}). {fix}"
-        raise OSError(message) from e
+
+    def write(f):
+        try:
+            gdown.download(url, f, timeout=timeout)
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else "no details"
+            message = f"Could not download {what} from {url} ({type(e).__name__}: {reason})."
+            raise OSError(f"{message} {fix}") from e
+        f.seek(0)
+        actual = hashlib.file_digest(f, "sha256").hexdigest() if sha256 else None
+        if actual != sha256:
+            raise InputError(
+                f"Checksum mismatch for {what} from {url}: expected SHA-256 {sha256}, got "
+                f"{actual}; the file was not kept. {fix}"
+            )
+
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    write_atomically(local, "w+b", write)
+    return local
+
+
+def _get_served(name: str, force: bool = False) -> str:
+    """The local copy of ``$RETINAMASK_MODEL_ZOO_URL/<name>``, checked if catalogued."""
+    base = os.environ.get(MODEL_ZOO_URL_ENV)
+    if not base:
+        raise InputError(
+            f"${MODEL_ZOO_URL_ENV} is not set, so {PREFIX}{name} has no server. Set it to the "
+            "http(s) URL that serves your checkpoints, or set MODEL.WEIGHTS to a local file."
+        )
+    url = base.rstrip("/") + "/" + name
+    sha256 = next((sha for path, sha in CHECKPOINTS.values() if path == name), None)
+    local = os.path.join(get_cache_dir(), "retinamask_d2", name)
+    fix = f"Check that ${MODEL_ZOO_URL_ENV} is right and serves {name}."
+    with file_lock(local):
+        return _fetch(url, local, PREFIX + name, fix, sha256, force)
 
 
 def _get_original(name: str, force: bool = False) -> str:
@@ -150,13 +204,11 @@ def _get_original(name: str, force: bool = False) -> str:
     downloaded = os.path.join(cache_dir, "original", "downloads", drive_id + ".pth")
     mirror = os.environ.get(ORIGINAL_URL_ENV)
     url = (mirror.rstrip("/") + "/" if mirror else "https://drive.google.com/uc?id=") + drive_id
+    fix = f"Check the connection, or set ${ORIGINAL_URL_ENV} to a mirror serving <URL>/{drive_id}."
     with file_lock(converted):
         if os.path.isfile(converted) and not force:
             return converted
-        if force or not os.path.isfile(downloaded):
-            fix = f"Check the connection, or set ${ORIGINAL_URL_ENV} to a mirror that serves "
-            fix += f"it as <URL>/{drive_id}."
-            _download(url, downloaded, "the authors' checkpoint", fix)
+        _fetch(url, downloaded, "the authors' checkpoint", fix, force=force)
         try:
             convert_original_file(get_config(config_name), downloaded, converted)
         except OriginalCheckpointError as e:
@@ -171,8 +223,9 @@ def _get_original(name: str, force: bool = False) -> str:
 
 class RetinaMaskHandler(PathHandler):
     """
-    Resolves ``retinamask://original/<model>.pth`` to the authors' checkpoint, converted and
-    cached under iopath's cache directory (``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``).
+    Resolves ``retinamask://original/<model>.pth`` to the authors' checkpoint, converted, and
+    ``retinamask://<path>`` to ``$RETINAMASK_MODEL_ZOO_URL/<path>``, each downloaded once into
+    iopath's cache directory (``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``).
     """
 
     PREFIX = PREFIX
@@ -182,7 +235,8 @@ class RetinaMaskHandler(PathHandler):
 
     def _get_local_path(self, path: str, force: bool = False, **kwargs) -> str:
         self._check_kwargs(kwargs)
-        return _get_original(path[len(PREFIX) :], force)
+        name = path[len(PREFIX) :]
+        return (_get_original if name.startswith("original/") else _get_served)(name, force)
 
     def _open(self, path: str, mode: str = "r", **kwargs):
         return PathManager.open(self._get_local_path(path), mode, **kwargs)

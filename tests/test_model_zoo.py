@@ -1,5 +1,6 @@
 import contextlib
 import functools
+import hashlib
 import os
 import socket
 import threading
@@ -12,13 +13,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from retinamask_d2 import model_zoo
-from retinamask_d2.model_zoo.catalog import (
-    ORIGINAL_MODELS,
-    ModelZooCatalog,
-    model_zoo_url,
-    sha256sum,
-)
+from retinamask_d2 import InputError, model_zoo
+from retinamask_d2.model_zoo.catalog import CHECKPOINTS, ORIGINAL_MODELS
 
 from original_layout import original_state_dict, trainer_checkpoint
 
@@ -54,6 +50,10 @@ def _unused_port():
         return s.getsockname()[1]
 
 
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(autouse=True)
 def isolated_zoo(tmp_path, monkeypatch):
     """Keep downloads out of the home directory and catalogue entries out of other tests."""
@@ -61,64 +61,80 @@ def isolated_zoo(tmp_path, monkeypatch):
     monkeypatch.setenv("FVCORE_CACHE", str(cache))
     monkeypatch.delenv("RETINAMASK_MODEL_ZOO_URL", raising=False)
     monkeypatch.delenv("RETINAMASK_ORIGINAL_URL", raising=False)
-    monkeypatch.setattr(ModelZooCatalog, "CHECKPOINTS", dict(ModelZooCatalog.CHECKPOINTS))
-    return cache
+    saved = dict(CHECKPOINTS)
+    yield cache
+    CHECKPOINTS.clear()
+    CHECKPOINTS.update(saved)
+
+
+ZOO_PATH = "r50/model_final.pth"
 
 
 @pytest.fixture
-def zoo_path(request):
-    # iopath remembers downloads by URL for the whole process, and a later test's server may get
-    # an earlier one's port: a path per test keeps each from being answered by another's download.
-    return "{}/model_final.pth".format(request.node.name)
-
-
-@pytest.fixture
-def zoo_dir(tmp_path, zoo_path):
-    """A directory laid out like the model zoo, holding one small checkpoint at zoo_path."""
+def zoo_dir(tmp_path):
+    """A directory laid out like the model zoo, holding one small checkpoint at ZOO_PATH."""
     root = tmp_path / "zoo"
-    (root / zoo_path).parent.mkdir(parents=True)
-    torch.save({"model": {"weight": torch.arange(6.0).reshape(2, 3)}}, root / zoo_path)
+    (root / ZOO_PATH).parent.mkdir(parents=True)
+    torch.save({"model": {"weight": torch.arange(6.0).reshape(2, 3)}}, root / ZOO_PATH)
     return root
 
 
-def test_zoo_url_is_read_when_resolving(monkeypatch):
-    with pytest.raises(RuntimeError, match="RETINAMASK_MODEL_ZOO_URL is not set"):
-        model_zoo_url()
-    monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", "http://example.invalid/zoo")
-    assert model_zoo_url() == "http://example.invalid/zoo/"
+def test_zoo_url_must_be_set():
+    with pytest.raises(InputError, match="RETINAMASK_MODEL_ZOO_URL is not set"):
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
 
 
-def test_download_then_cache_hit_without_server(zoo_dir, zoo_path, isolated_zoo, monkeypatch):
-    ModelZooCatalog.register("any.yaml", zoo_path, sha256sum(str(zoo_dir / zoo_path)))
+def test_download_then_cache_hit_without_server(zoo_dir, isolated_zoo, monkeypatch):
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(zoo_dir / ZOO_PATH))
     with serve(zoo_dir) as url:
         monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
-        local = PathManager.get_local_path("retinamask://" + zoo_path)
-    assert local.startswith(str(isolated_zoo))
+        local = PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert local == str(isolated_zoo / "retinamask_d2" / ZOO_PATH)
     assert torch.equal(torch.load(local)["model"]["weight"], torch.arange(6.0).reshape(2, 3))
 
     # The server is gone: only the cache can answer.
-    assert PathManager.get_local_path("retinamask://" + zoo_path) == local
+    assert PathManager.get_local_path("retinamask://" + ZOO_PATH) == local
 
 
-def test_checksum_mismatch_fails_and_leaves_no_file(zoo_dir, zoo_path, isolated_zoo, monkeypatch):
-    ModelZooCatalog.register("any.yaml", zoo_path, "0" * 64)
-    with serve(zoo_dir) as url, pytest.raises(RuntimeError, match="Checksum mismatch") as e:
+def test_checksum_mismatch_fails_and_leaves_no_file(zoo_dir, isolated_zoo, monkeypatch):
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "0" * 64)
+    with serve(zoo_dir) as url, pytest.raises(InputError, match="Checksum mismatch") as e:
         monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
-        PathManager.get_local_path("retinamask://" + zoo_path)
-    assert sha256sum(str(zoo_dir / zoo_path)) in str(e.value)
-    cached = [f for _, _, files in os.walk(isolated_zoo) for f in files]
-    assert os.path.basename(zoo_path) not in cached
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert _sha256(zoo_dir / ZOO_PATH) in str(e.value)
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
 
 
-def test_server_down_error_names_url(zoo_path, isolated_zoo, monkeypatch):
+def test_stale_cached_file_is_downloaded_again(zoo_dir, isolated_zoo, monkeypatch):
+    # A cached file that no longer matches its entry (new weights served at the same path).
+    stale = isolated_zoo / "retinamask_d2" / ZOO_PATH
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old weights")
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(zoo_dir / ZOO_PATH))
+    with serve(zoo_dir) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert stale.read_bytes() == (zoo_dir / ZOO_PATH).read_bytes()
+
+
+def test_server_down_error_names_url(monkeypatch):
     url = "http://127.0.0.1:{}/zoo".format(_unused_port())
     monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
     with pytest.raises(OSError, match="Could not download") as e:
-        PathManager.get_local_path("retinamask://" + zoo_path)
-    assert url + "/" + zoo_path in str(e.value)
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert url + "/" + ZOO_PATH in str(e.value)
 
 
-def test_silent_server_times_out_naming_url(zoo_path, monkeypatch):
+def test_path_missing_on_server_names_url(zoo_dir, isolated_zoo, monkeypatch):
+    with serve(zoo_dir) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        with pytest.raises(OSError, match="Could not download .*404") as e:
+            PathManager.get_local_path("retinamask://r50/model_0004999.pth")
+    assert url + "r50/model_0004999.pth" in str(e.value)
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
+
+
+def test_silent_server_times_out_naming_url(monkeypatch):
     # Accepts connections (the kernel completes the handshake) but never answers a request.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))
@@ -127,8 +143,8 @@ def test_silent_server_times_out_naming_url(zoo_path, monkeypatch):
         monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
         monkeypatch.setenv("RETINAMASK_DOWNLOAD_TIMEOUT", "1")
         with pytest.raises(OSError, match="Could not download") as e:
-            PathManager.get_local_path("retinamask://" + zoo_path)
-    assert url + "/" + zoo_path in str(e.value)
+            PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    assert url + "/" + ZOO_PATH in str(e.value)
     assert socket.getdefaulttimeout() is None
 
 
@@ -162,21 +178,22 @@ def test_shipped_configs_are_found_and_merge(name):
 
 
 def test_no_trained_weights_published_yet():
-    assert ModelZooCatalog.CHECKPOINTS == {}
     for name in set(model_zoo.list_configs()) - set(ORIGINAL_MODELS):
         with pytest.raises(RuntimeError, match="No trained weights are published"):
             model_zoo.get_checkpoint_url(name)
 
 
-def test_register_checkpoint_sets_trained_weights(zoo_path):
-    url = model_zoo.register_checkpoint(MODEL_CONFIG, zoo_path, "A" * 64)
-    assert url == "retinamask://" + zoo_path
+def test_register_checkpoint_sets_trained_weights():
+    url = model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "A" * 64)
+    assert url == "retinamask://" + ZOO_PATH
     assert model_zoo.get_checkpoint_url(MODEL_CONFIG) == url
     assert model_zoo.get_config(MODEL_CONFIG, trained=True).MODEL.WEIGHTS == url
     with pytest.raises(RuntimeError, match="Known configs"):
-        model_zoo.register_checkpoint("mine.yaml", zoo_path, "a" * 64)
-    with pytest.raises(ValueError, match="64 hex digits"):
-        model_zoo.register_checkpoint(MODEL_CONFIG, zoo_path, "not-a-hash")
+        model_zoo.register_checkpoint("mine.yaml", ZOO_PATH, "a" * 64)
+    with pytest.raises(InputError, match="64 hex digits"):
+        model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "not-a-hash")
+    with pytest.raises(InputError, match="authors' models"):
+        model_zoo.register_checkpoint(MODEL_CONFIG, "original/retinamask_R50.pth", "a" * 64)
 
 
 def test_get_untrained_is_in_eval_mode_on_cpu():
@@ -188,17 +205,17 @@ def test_get_untrained_is_in_eval_mode_on_cpu():
         assert next(model.parameters()).device.type == "cpu"
 
 
-def test_get_trained_loads_served_weights(zoo_path, tmp_path, monkeypatch):
+def test_get_trained_loads_served_weights(tmp_path, monkeypatch):
     cfg = model_zoo.get_config(MODEL_CONFIG)
     cfg.MODEL.DEVICE = "cpu"
     state = build_model(cfg).state_dict()
     # A value that random initialization cannot produce.
     name = next(k for k, v in state.items() if v.dtype == torch.float32 and v.dim() == 4)
     state[name] = torch.full_like(state[name], 0.25)
-    checkpoint = tmp_path / "zoo" / zoo_path
+    checkpoint = tmp_path / "zoo" / ZOO_PATH
     checkpoint.parent.mkdir(parents=True)
     torch.save({"model": state}, checkpoint)
-    model_zoo.register_checkpoint(MODEL_CONFIG, zoo_path, sha256sum(str(checkpoint)))
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(checkpoint))
 
     with serve(tmp_path / "zoo") as url:
         monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
@@ -320,3 +337,19 @@ def test_interrupted_authors_download_leaves_no_finished_file(
     with serve(original_r50.parent) as url:
         monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
         assert PathManager.get_local_path(ORIGINAL_URL).endswith("original/retinamask_R50.pth")
+
+
+def test_silent_mirror_times_out_naming_url(isolated_zoo, monkeypatch):
+    # Accepts connections (the kernel completes the handshake) but never answers a request.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = "http://127.0.0.1:{}".format(silent.getsockname()[1])
+        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+        monkeypatch.setenv("RETINAMASK_DOWNLOAD_TIMEOUT", "1")
+        with pytest.raises(OSError, match="Could not download the authors' checkpoint") as e:
+            PathManager.get_local_path(ORIGINAL_URL)
+    assert url + "/" + ORIGINAL_MODELS[ORIGINAL_CONFIG].drive_id in str(e.value)
+    # The timeout is the request's own: nothing process-wide was changed.
+    assert socket.getdefaulttimeout() is None
+    assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []

@@ -137,6 +137,13 @@ def get(config_path: str, trained: bool = False, device: Optional[str] = None):
     return model.eval()
 
 
+def _sha256(f) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) -> str:
     """
     Returns ``local``, downloading ``url`` there unless it is (and matches ``sha256``, if given)
@@ -144,7 +151,7 @@ def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) 
     """
     if os.path.isfile(local) and not force:
         with open(local, "rb") as f:
-            if sha256 is None or hashlib.file_digest(f, "sha256").hexdigest() == sha256:
+            if sha256 is None or _sha256(f) == sha256:
                 return local
     # gdown gets past Google Drive's confirmation page for large files and fails on a
     # connection cut short; its timeout applies to each request, not to the process.
@@ -160,7 +167,7 @@ def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) 
             message = f"Could not download {what} from {url} ({type(e).__name__}: {reason})."
             raise OSError(f"{message} {fix}") from e
         f.seek(0)
-        actual = hashlib.file_digest(f, "sha256").hexdigest() if sha256 else None
+        actual = _sha256(f) if sha256 else None
         if actual != sha256:
             raise InputError(
                 f"Checksum mismatch for {what} from {url}: expected SHA-256 {sha256}, got "

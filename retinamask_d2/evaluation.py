@@ -3,6 +3,7 @@ COCO evaluation with the paper's protocol (Sec. 3.5): box AP over every detectio
 ``TEST.DETECTIONS_PER_IMAGE``), exactly as box-only inference gives it, and mask AP over the top
 ``MODEL.RETINAMASK.NUM_MASKS_TEST`` detections of each image, the ones the mask head ran on.
 """
+
 import os
 
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
@@ -13,15 +14,12 @@ __all__ = ["TopDetectionsCOCOEvaluator", "build_coco_evaluator"]
 
 class TopDetectionsCOCOEvaluator(COCOEvaluator):
     """
-    A :class:`COCOEvaluator` of each image's top ``num_detections`` detections, which is the
-    first ``num_detections`` as the model returns them (sorted by score). Masks are left out
-    when ``tasks`` has no "segm", so a box-only evaluation does not encode them.
+    A :class:`COCOEvaluator` of the first ``num_detections`` detections of each image (the
+    model sorts them by score); masks are not encoded when ``tasks`` has no "segm".
 
-    RetinaMask returns all-zero masks for the detections below its top ``NUM_MASKS_TEST``.
-    COCO mask AP does not skip those: an all-zero mask encodes to an RLE of area 0, which lies
-    in the "all" and "small" area ranges, and its IoU with any ground truth, crowd or not, is 0,
-    so it is a false positive, ranked among the other images' detections by its score, and it
-    lowers mask AP. Evaluating segm on the top detections only leaves them out.
+    RetinaMask returns all-zero masks below its top ``NUM_MASKS_TEST``, which COCO mask AP
+    counts as false positives (an RLE of area 0 has IoU 0 with any ground truth), lowering mask
+    AP. Evaluating segm on the top detections only leaves them out.
     """
 
     def __init__(self, dataset_name, tasks, num_detections: int = 0, **kwargs):
@@ -38,13 +36,11 @@ class TopDetectionsCOCOEvaluator(COCOEvaluator):
     def process(self, inputs, outputs):
         kept = []
         for output in outputs:
-            if "instances" not in output:
-                kept.append(output)
-                continue
             instances = output["instances"]
             if self._num_detections > 0:
                 instances = instances[: self._num_detections]
             if not self._keep_masks and instances.has("pred_masks"):
+                # A copy: the mask evaluator of build_coco_evaluator reads the same output.
                 instances = Instances(instances.image_size, **instances.get_fields())
                 instances.remove("pred_masks")
             kept.append(dict(output, instances=instances))

@@ -391,3 +391,12 @@ def test_dataset_without_a_json_file(tmp_path, registered_names):
         InputError, match=r"1 invalid .*image_1\.png annotation #1: box \[12, 3, -10"
     ):
         check_datasets(["checks_loader"], 3)
+
+
+def test_dataset_num_classes_before_dropping(tmp_path, registered_names):
+    # train_net.py counts the classes of --register-coco before --drop-invalid-annotations.
+    json_file, image_root, _ = _invalid_dataset(tmp_path)
+    registered_names.append("checks_own")
+    register_coco_datasets([("checks_own", json_file, image_root)])
+
+    assert dataset_num_classes("checks_own") == 3

@@ -46,15 +46,12 @@ def match(ref, ours):
     ref_boxes = torch.as_tensor(_ref_boxes(ref), dtype=torch.float32)
     iou = pairwise_iou(Boxes(ref_boxes), ours.pred_boxes.to("cpu"))
     iou[torch.tensor(ref["labels"])[:, None] - 1 != ours.pred_classes.cpu()[None, :]] = 0
-    pairs, taken = [], set()
+    pairs = []
     for i in np.argsort(-np.asarray(ref["scores"]), kind="stable"):
-        for j in torch.argsort(iou[i], descending=True).tolist():
-            if iou[i, j] < 0.5:
-                break
-            if j not in taken:
-                pairs.append((int(i), j))
-                taken.add(j)
-                break
+        j = int(iou[i].argmax())
+        if iou[i, j] >= 0.5:
+            pairs.append((int(i), j))
+            iou[:, j] = 0  # taken
     return pairs
 
 

@@ -30,8 +30,7 @@ __all__ = ["export_box_only", "export_graph", "sample_image"]
 
 logger = logging.getLogger(__name__)
 
-# State dict entries that only RetinaMask's training uses: detectron2's RetinaNet has no use
-# for them.
+# State dict entries of RetinaMask's training only, which detectron2's RetinaNet lacks.
 BOX_ONLY_DROPPED_PREFIXES = ("mask_head.", "box_reg_loss.", "loss_normalizer")
 
 # (rtol, atol) between an exported graph and the eager model; atol is in pixels for boxes and

@@ -208,14 +208,6 @@ def time_training(models, batches, args):
     return _median_times(steps, batches, args, args.train_iters)
 
 
-def _peak_rss_mib():
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def peak_memory(args, name, mode):
     """Peak memory of one model in a process of its own, so that peaks do not mix."""
     with mp.get_context("spawn").Pool(1) as pool:
@@ -241,7 +233,12 @@ def _peak_memory(args, name, mode):
         optimizer = torch.optim.SGD(model.train().parameters(), lr=0.0)
         for _ in range(2):
             _train_step(model, optimizer, batches[0])
-    result = {"cpu_rss_mib": _peak_rss_mib()}
+    try:
+        with open("/proc/self/status") as f:
+            peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {"cpu_rss_mib": peak_kib / 1024}
     if args.device.startswith("cuda"):
         result["gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result

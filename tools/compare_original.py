@@ -43,45 +43,44 @@ def match(ref, ours):
     """
     if len(ref["scores"]) == 0 or len(ours) == 0:
         return []
-    ref_boxes = torch.tensor(ref["boxes"], dtype=torch.float32) + torch.tensor([0, 0, 1.0, 1.0])
+    ref_boxes = torch.as_tensor(_ref_boxes(ref), dtype=torch.float32)
     iou = pairwise_iou(Boxes(ref_boxes), ours.pred_boxes.to("cpu"))
-    same_class = torch.tensor(ref["labels"])[:, None] - 1 == ours.pred_classes.cpu()[None, :]
-    iou = torch.where(same_class, iou, torch.zeros_like(iou))
-    pairs, taken = [], set()
+    iou[torch.tensor(ref["labels"])[:, None] - 1 != ours.pred_classes.cpu()[None, :]] = 0
+    pairs = []
     for i in np.argsort(-np.asarray(ref["scores"]), kind="stable"):
-        for j in torch.argsort(iou[i], descending=True).tolist():
-            if iou[i, j] < 0.5:
-                break
-            if j not in taken:
-                pairs.append((int(i), j))
-                taken.add(j)
-                break
+        j = int(iou[i].argmax())
+        if iou[i, j] >= 0.5:
+            pairs.append((int(i), j))
+            iou[:, j] = 0  # taken
     return pairs
+
+
+def _ref_boxes(ref):
+    """(R, 4) reference boxes as ours: the authors' x2 + 1 is our x2."""
+    return np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4) + [0, 0, 1, 1]
 
 
 def compare(ref, ours, with_masks):
     """Per matched pair: score, box and (with masks) mask differences; and the counts."""
-    pairs = match(ref, ours)
+    ref_boxes = _ref_boxes(ref)
     rows = []
-    for i, j in pairs:
-        ref_box = np.asarray(ref["boxes"][i]) + np.array([0, 0, 1.0, 1.0])
-        our_box = ours.pred_boxes.tensor[j].cpu().numpy()
+    for i, j in match(ref, ours):
+        ref_box, our_box = ref_boxes[i], ours.pred_boxes.tensor[j].cpu().numpy()
         row = {
             "area": float((ref_box[2] - ref_box[0]) * (ref_box[3] - ref_box[1])),
             "score_diff": abs(ref["scores"][i] - ours.scores[j].item()),
             "box_diff": float(np.abs(ref_box - our_box).max()),
             # COCO's box width: the authors' code writes x2 - x1 + 1, ours x2 - x1.
-            "coco_width_diff": float(
-                (ref["boxes"][i][2] - ref["boxes"][i][0] + 1) - (our_box[2] - our_box[0])
-            ),
+            "coco_width_diff": float((ref_box[2] - ref_box[0]) - (our_box[2] - our_box[0])),
         }
         if with_masks:
             ref_mask = mask_util.decode(ref["masks"][i]).astype(bool)
             our_mask = ours.pred_masks[j].cpu().numpy()
             union = np.logical_or(ref_mask, our_mask).sum()
             # Two empty masks (a box too small to hold one) agree.
-            intersection = np.logical_and(ref_mask, our_mask).sum()
-            row["mask_iou"] = float(intersection / union) if union else 1.0
+            row["mask_iou"] = (
+                float(np.logical_and(ref_mask, our_mask).sum() / union) if union else 1.0
+            )
         row["agrees"] = (
             row["score_diff"] <= SCORE_TOL
             and row["box_diff"] <= BOX_TOL
@@ -93,30 +92,26 @@ def compare(ref, ours, with_masks):
 
 def summarize(results):
     pairs = [p for r in results for p in r["pairs"]]
+    agreeing = sum(p["agrees"] for p in pairs)
     num_ref = sum(r["reference"] for r in results)
     summary = {
         "images": len(results),
         "reference_detections": num_ref,
         "our_detections": sum(r["ours"] for r in results),
         "matched": len(pairs),
-        "agreeing": sum(p["agrees"] for p in pairs),
-        "agreement": sum(p["agrees"] for p in pairs) / max(num_ref, 1),
+        "agreeing": agreeing,
+        "agreement": agreeing / max(num_ref, 1),
     }
     if pairs and "mask_iou" in pairs[0]:
+        # Pasting differs most, in relative terms, for COCO's small objects (< 32 x 32 pixels).
+        larger = [p for p in pairs if p["area"] >= 32 * 32]
         summary["mask_iou_ok"] = sum(p["mask_iou"] >= MASK_IOU for p in pairs)
-    # Pasting differs most, in relative terms, for COCO's small objects (< 32 x 32 pixels).
-    larger = [p for p in pairs if p["area"] >= 32 * 32]
-    if larger and "mask_iou" in larger[0]:
         summary["matched_medium_large"] = len(larger)
         summary["mask_iou_ok_medium_large"] = sum(p["mask_iou"] >= MASK_IOU for p in larger)
     for key in ("score_diff", "box_diff", "coco_width_diff", "mask_iou"):
         values = [p[key] for p in pairs if key in p]
         if values:
-            summary[key] = {
-                "max": float(np.max(values)),
-                "mean": float(np.mean(values)),
-                "min": float(np.min(values)),
-            }
+            summary[key] = {f: float(getattr(np, f)(values)) for f in ("max", "mean", "min")}
     return summary
 
 
@@ -136,41 +131,35 @@ def main(argv=None):
 
     report = {}
     for mode, mask_on in (("box_only", False), ("with_masks", True)):
-        mode_cfg = cfg.clone()
-        mode_cfg.MODEL.MASK_ON = mask_on
-        predictor = DefaultPredictor(mode_cfg)
+        cfg.MODEL.MASK_ON = mask_on
+        predictor = DefaultPredictor(cfg)
         results = []
         for entry in reference["images"]:
             image = read_image(os.path.join(args.images, entry["file"]), format="BGR")
-            ours = predictor(image)["instances"]
-            result = compare(entry[mode], ours, mask_on)
-            result["file"] = entry["file"]
+            result = compare(entry[mode], predictor(image)["instances"], mask_on)
             # The reference floors the resized long side where detectron2 rounds it.
             resize = predictor.aug.get_transform(image)
-            result["same_input_size"] = list(entry["input_size"]) == [resize.new_h, resize.new_w]
-            results.append(result)
+            same = list(entry["input_size"]) == [resize.new_h, resize.new_w]
+            results.append({**result, "file": entry["file"], "same_input_size": same})
         same = [r for r in results if r["same_input_size"]]
-        report[mode] = {
-            "all": summarize(results),
-            "same_input_size": summarize(same),
-            "other_input_size": summarize([r for r in results if not r["same_input_size"]]),
-            "images": results,
-        }
-        s = report[mode]["same_input_size"]
-        print(
+        other = [r for r in results if not r["same_input_size"]]
+        s, o = summarize(same), summarize(other)
+        report[mode] = {"all": summarize(results), "same_input_size": s, "other_input_size": o}
+        report[mode]["images"] = results
+        nan = {"max": float("nan")}
+        line = (
             f"{mode}: {s['agreeing']}/{s['reference_detections']} reference detections agree "
             f"({100 * s['agreement']:.1f}%) on {s['images']} images with the same input size; "
-            f"max score diff {s.get('score_diff', {}).get('max', float('nan')):.2e}, "
-            f"max box diff {s.get('box_diff', {}).get('max', float('nan')):.3f} px"
-            + (
-                f", mask IoU >= {MASK_IOU}: {s['mask_iou_ok']}/{s['matched']} (objects of 32x32 "
-                f"px or more: {s.get('mask_iou_ok_medium_large')}/{s.get('matched_medium_large')})"
-                f", mean mask IoU {s['mask_iou']['mean']:.3f}"
-                if "mask_iou" in s
-                else ""
-            )
+            f"max score diff {s.get('score_diff', nan)['max']:.2e}, "
+            f"max box diff {s.get('box_diff', nan)['max']:.3f} px"
         )
-        o = report[mode]["other_input_size"]
+        if "mask_iou" in s:
+            line += (
+                f", mask IoU >= {MASK_IOU}: {s['mask_iou_ok']}/{s['matched']} (objects of 32x32 "
+                f"px or more: {s['mask_iou_ok_medium_large']}/{s['matched_medium_large']}), "
+                f"mean mask IoU {s['mask_iou']['mean']:.3f}"
+            )
+        print(line)
         if o["images"]:
             print(
                 f"{mode}: {o['agreeing']}/{o['reference_detections']} agree "

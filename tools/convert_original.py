@@ -13,9 +13,8 @@ script prints one line naming it, exits with status 1 and writes nothing.
 import argparse
 import sys
 
-
 from retinamask_d2 import get_retinamask_cfg
-from retinamask_d2.original import OriginalCheckpointError, convert_original_file
+from retinamask_d2.original import convert_original_file
 
 
 def main(argv=None):
@@ -29,7 +28,7 @@ def main(argv=None):
     try:
         cfg = get_retinamask_cfg(args.config_file, args.opts)
         summary = convert_original_file(cfg, args.original, args.output)
-    except (OriginalCheckpointError, OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError) as e:  # InputError is a ValueError
         print(f"convert_original.py: error: {e}", file=sys.stderr)
         return 1
 

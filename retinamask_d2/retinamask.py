@@ -246,14 +246,16 @@ class RetinaMask(RetinaNet):
                 instances.gt_masks = gt_i.gt_masks[matched_idxs[fg]]
             mask_instances.append(instances)
 
-        x = self.mask_pooler(
-            self._mask_features(features), [x.proposal_boxes for x in mask_instances]
-        )
+        x = self._pool_mask_features(features, [x.proposal_boxes for x in mask_instances])
         return self.mask_head(x, mask_instances)
 
-    def _mask_features(self, features: List[Tensor]) -> List[Tensor]:
+    def _pool_mask_features(self, features: List[Tensor], boxes: List[Boxes]) -> Tensor:
+        """
+        Returns:
+            Tensor: (R, C, M, M) features of the R boxes of all images, from ``mask_in_features``.
+        """
         by_name = dict(zip(self.head_in_features, features))
-        return [by_name[f] for f in self.mask_in_features]
+        return self.mask_pooler([by_name[f] for f in self.mask_in_features], boxes)
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
@@ -270,7 +272,7 @@ class RetinaMask(RetinaNet):
             return results
         n = self.num_masks_test
         top = [r[:n] for r in results] if n > 0 else results
-        x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in top])
+        x = self._pool_mask_features(features, [r.pred_boxes for r in top])
         top = self.mask_head(x, top)
         if n <= 0:
             return top

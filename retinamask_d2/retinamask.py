@@ -112,10 +112,8 @@ class RetinaMask(RetinaNet):
         mask_cfg.defrost()
         mask_cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.RETINANET.NUM_CLASSES
         channels = input_shape[in_features[0]].channels
-        head = build_mask_head(
-            mask_cfg, ShapeSpec(channels=channels, width=resolution, height=resolution)
-        )
-        return {"mask_pooler": pooler, "mask_head": head}
+        shape = ShapeSpec(channels=channels, width=resolution, height=resolution)
+        return {"mask_pooler": pooler, "mask_head": build_mask_head(mask_cfg, shape)}
 
     @property
     def mask_on(self) -> bool:
@@ -250,10 +248,7 @@ class RetinaMask(RetinaNet):
         return self.mask_head(x, mask_instances)
 
     def _pool_mask_features(self, features: List[Tensor], boxes: List[Boxes]) -> Tensor:
-        """
-        Returns:
-            Tensor: (R, C, M, M) features of the R boxes of all images, from ``mask_in_features``.
-        """
+        """Returns (R, C, M, M) features of the boxes of all images, from mask_in_features."""
         by_name = dict(zip(self.head_in_features, features))
         return self.mask_pooler([by_name[f] for f in self.mask_in_features], boxes)
 

@@ -1,4 +1,4 @@
-from typing import Optional, Tuple
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -10,21 +10,52 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from .build import BOX_REG_LOSS_REGISTRY
+from .config import InputError
 
-__all__ = ["SelfAdjustingSmoothL1Loss", "SmoothL1Loss"]
+__all__ = ["DeferredScalars", "SelfAdjustingSmoothL1Loss", "SmoothL1Loss"]
 
-# Names of the regression coordinates, in the order of Box2BoxTransform's deltas.
-_COORDS = ("dx", "dy", "dw", "dh")
+# Names of beta, mu_R and sigma_R^2 of each coordinate, in the order of Box2BoxTransform's deltas.
+_LOGGED_STATS = [
+    f"box_reg_{s}/{c}" for s in ("beta", "mean", "var") for c in ("dx", "dy", "dw", "dh")
+]
 
 
 def _foreground_residuals(pred_deltas, gt_deltas, fg_mask):
+    # Background targets can be infinite (an image without objects gives zero-size matched
+    # boxes): replaced by zeros rather than multiplied away, which would give NaN.
+    return torch.where(fg_mask[..., None], pred_deltas - gt_deltas, torch.zeros_like(pred_deltas))
+
+
+class DeferredScalars:
     """
-    Returns ``pred_deltas - gt_deltas`` with the non-foreground elements set to zero. The
-    targets of background anchors can be infinite (an image without objects gives zero-size
-    matched boxes), so they are replaced rather than multiplied away, which would give NaN.
+    Puts scalars computed on the device into the event storage one training step late, so that
+    logging never waits for the device: :meth:`put` starts copying the values to the host, and
+    the next :meth:`put` waits only for that copy (a CUDA event recorded a step earlier), not for
+    the step in flight. Nothing is logged outside an :class:`EventStorage`.
     """
-    fg = fg_mask.unsqueeze(-1)
-    return torch.where(fg, pred_deltas - gt_deltas, torch.zeros_like(pred_deltas))
+
+    _pending = None  # (names, host copy, CUDA event or None, iteration) of the last put
+
+    def put(self, names: List[str], values: torch.Tensor, iter_offset: int = 0):
+        """
+        Log ``values``, (len(names),), as ``names`` under the current iteration plus
+        ``iter_offset``, and the values of the previous call.
+        """
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # no EventStorage: training outside a trainer
+            return
+        if self._pending is not None:
+            pending_names, host, event, it = self._pending
+            if event is not None:
+                event.synchronize()
+            storage.put_scalars(cur_iter=it, **dict(zip(pending_names, host.tolist())))
+        host = values.detach().to("cpu", non_blocking=True, copy=True)
+        event = None
+        if values.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (names, host, event, storage.iter + iter_offset)
 
 
 @BOX_REG_LOSS_REGISTRY.register()
@@ -61,26 +92,21 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
     Self-adjusting smooth L1 loss of RetinaMask (Sec. 3.2, Eq. 2).
 
     For each regression coordinate separately (the variant Sec. 4.1 found best), the running
-    mean ``mu_R`` and running variance ``sigma_R^2`` of ``|pred - target|`` over the foreground
+    mean ``mu_R`` and variance ``sigma_R^2`` of ``|pred - target|`` over the foreground
     elements of each training batch are kept with momentum ``m``::
 
         mu_R = m * mu_R + (1 - m) * mu_B,   sigma_R^2 = m * sigma_R^2 + (1 - m) * sigma_B^2
 
-    where ``sigma_B^2`` is the population variance of the batch, and the smooth L1 control point
-    is ``beta = clamp(mu_R - sigma_R^2, min_beta, beta_max)``. The statistics start at
-    ``mu_R = beta_max`` and ``sigma_R^2 = 0``, as the reference implementation does, so training
-    starts from the fixed loss with beta = beta_max. The lower bound is ``min_beta`` rather than
-    Eq. 2's 0 because the quadratic branch divides by beta.
+    where ``sigma_B^2`` is the population variance of the batch, and the control point is
+    ``beta = clamp(mu_R - sigma_R^2, min_beta, beta_max)``. The statistics start at
+    ``mu_R = beta_max`` and ``sigma_R^2 = 0``, as in the reference implementation. The lower
+    bound is ``min_beta`` rather than Eq. 2's 0 because the quadratic branch divides by beta.
 
-    The statistics are buffers: they are saved in checkpoints and restored on resume. They are
-    updated in training mode only, from the statistics of the whole batch across all processes
-    (so every replica uses the same beta), and stay unchanged for a batch without foreground.
-
-    While an :class:`EventStorage` is active, the beta each training iteration starts with is
-    put into it as ``box_reg_beta/{dx,dy,dw,dh}``, with the running statistics it comes from as
-    ``box_reg_mean/...`` and ``box_reg_var/...`` (the curves of the paper's Fig. 3,
-    ``tools/plot_beta.py`` draws them). The values are copied to the host without blocking at
-    the end of the previous iteration, so logging never waits for the device.
+    The statistics are checkpointed buffers, updated in training mode only from the whole batch
+    across all processes (so every replica uses the same beta), and unchanged by a batch without
+    foreground. The beta each training iteration starts with, and the statistics it comes from,
+    are logged as ``box_reg_{beta,mean,var}/{dx,dy,dw,dh}`` (the curves of the paper's Fig. 3,
+    drawn by ``tools/plot_beta.py``).
     """
 
     @configurable
@@ -100,22 +126,17 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
             num_coords (int): size of the last dimension of the inputs.
         """
         super().__init__()
-        if not 0 < min_beta <= beta_max:
-            raise ValueError(
-                f"Need 0 < min_beta <= beta_max, got min_beta={min_beta}, beta_max={beta_max}; "
-                "set MODEL.RETINAMASK.BOX_REG_LOSS.BETA to a positive value."
-            )
-        if not 0 <= momentum < 1:
-            raise ValueError(
-                f"momentum must be in [0, 1), got {momentum}; the paper uses 0.9 "
-                "(MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM)."
+        if not (0 < min_beta <= beta_max and 0 <= momentum < 1):
+            raise InputError(
+                f"MODEL.RETINAMASK.BOX_REG_LOSS has BETA {beta_max} and MOMENTUM {momentum}; set "
+                f"BETA >= {min_beta} and MOMENTUM in [0, 1), e.g. the paper's 0.11 and 0.9."
             )
         self.beta_max = beta_max
         self.momentum = momentum
         self.min_beta = min_beta
         self.register_buffer("running_mean", torch.full((num_coords,), float(beta_max)))
         self.register_buffer("running_var", torch.zeros(num_coords))
-        self._pending_stats: Optional[Tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
+        self._log = DeferredScalars()
 
     @classmethod
     def from_config(cls, cfg):
@@ -126,25 +147,19 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
 
     @property
     def beta(self) -> torch.Tensor:
-        """
-        Tensor: (num_coords,), the current control point of each coordinate.
-        """
+        """Tensor: (num_coords,), the current control point of each coordinate."""
         return (self.running_mean - self.running_var).clamp(self.min_beta, self.beta_max)
 
     def forward(self, pred_deltas, gt_deltas, fg_mask):
         """
-        Args:
-            pred_deltas, gt_deltas (Tensor): (..., num_coords) predicted and target deltas.
-            fg_mask (Tensor[bool]): (...), which elements are foreground.
-
-        Returns:
-            Tensor: scalar, the loss summed over the foreground elements.
+        As :meth:`SmoothL1Loss.forward`, with ``num_coords`` deltas per element.
         """
         x = _foreground_residuals(pred_deltas, gt_deltas, fg_mask).abs()
         if self.training:
-            self._publish_statistics()
             self._update_statistics(x.detach().float(), fg_mask)
-            self._queue_statistics_for_logging()
+            # What the next iteration starts with, logged under that iteration.
+            stats = torch.cat([self.beta, self.running_mean, self.running_var])
+            self._log.put(_LOGGED_STATS, stats, iter_offset=1)
         beta = self.beta.to(x.dtype)
         # Background elements have x == 0 and fall in the quadratic branch with zero loss.
         loss = torch.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
@@ -159,8 +174,7 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         count = count_and_sum[0]
         batch_mean = count_and_sum[1:] / count.clamp(min=1)
         # Two passes rather than E[x^2] - mu^2, which loses precision for small residuals.
-        squared_dev = (x - batch_mean) ** 2 * fg
-        batch_var = squared_dev.sum(dim=reduce_dims)
+        batch_var = ((x - batch_mean) ** 2 * fg).sum(dim=reduce_dims)
         _all_reduce_sum(batch_var)
         batch_var = batch_var / count.clamp(min=1)
 
@@ -169,39 +183,7 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         self.running_mean.lerp_(batch_mean, w)
         self.running_var.lerp_(batch_var, w)
 
-    def _queue_statistics_for_logging(self):
-        if not _has_event_storage():
-            return
-        stats = torch.stack([self.beta, self.running_mean, self.running_var]).detach()
-        host = stats.to("cpu", non_blocking=True, copy=True)
-        event = None
-        if stats.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending_stats = (host, event)
-
-    def _publish_statistics(self):
-        if self._pending_stats is None or not _has_event_storage():
-            return
-        host, event = self._pending_stats
-        self._pending_stats = None
-        if event is not None:
-            event.synchronize()  # the copy was queued a whole iteration ago
-        beta, mean, var = host.tolist()
-        scalars = {}
-        for name, values in (("beta", beta), ("mean", mean), ("var", var)):
-            scalars.update({f"box_reg_{name}/{c}": v for c, v in zip(_COORDS, values)})
-        get_event_storage().put_scalars(**scalars)
-
 
 def _all_reduce_sum(tensor):
     if comm.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
-def _has_event_storage() -> bool:
-    try:
-        get_event_storage()
-    except AssertionError:
-        return False
-    return True

@@ -22,29 +22,23 @@ summed over the foreground elements.
 """
 
 
-def _build(registry: Registry, key: str, name: str, cfg):
+def _build(registry: Registry, component: str, cfg):
+    name = cfg.MODEL.RETINAMASK[component].NAME
     # Registry.get's own KeyError names the registry but not the config key, nor what exists.
     if name not in registry:
-        registered = ", ".join(sorted(k for k, _ in registry))
         raise KeyError(
-            f"{key} = {name!r} is not registered; registered names are: {registered}. Fix the "
-            f"spelling in the config, or import the module that registers {name!r} before "
-            "building the model."
+            f"MODEL.RETINAMASK.{component}.NAME = {name!r} is not registered; registered names "
+            f"are: {', '.join(sorted(k for k, _ in registry))}. Fix the spelling in the config, "
+            f"or import the module that registers {name!r} before building the model."
         )
     return registry.get(name)(cfg)
 
 
 def build_anchor_matcher(cfg):
-    """
-    Build the anchor matcher named by ``cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME``.
-    """
-    key = "MODEL.RETINAMASK.ANCHOR_MATCHER.NAME"
-    return _build(ANCHOR_MATCHER_REGISTRY, key, cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME, cfg)
+    """Build the anchor matcher named by ``cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME``."""
+    return _build(ANCHOR_MATCHER_REGISTRY, "ANCHOR_MATCHER", cfg)
 
 
 def build_box_reg_loss(cfg):
-    """
-    Build the box regression loss named by ``cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME``.
-    """
-    key = "MODEL.RETINAMASK.BOX_REG_LOSS.NAME"
-    return _build(BOX_REG_LOSS_REGISTRY, key, cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME, cfg)
+    """Build the box regression loss named by ``cfg.MODEL.RETINAMASK.BOX_REG_LOSS.NAME``."""
+    return _build(BOX_REG_LOSS_REGISTRY, "BOX_REG_LOSS", cfg)

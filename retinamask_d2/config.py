@@ -14,15 +14,14 @@ class InputError(ValueError):
 
 def add_retinamask_config(cfg):
     """
-    Add the config keys of RetinaMask (Fu, Shvets, Berg 2019) under ``MODEL.RETINAMASK``.
-    Everything else (backbone, anchors, focal loss, inference thresholds, the mask head's
-    convolutions) keeps its place in detectron2's own config.
+    Add the config keys of RetinaMask (Fu, Shvets, Berg 2019) under ``MODEL.RETINAMASK``;
+    everything else keeps its place in detectron2's own config.
     """
     _C = cfg
     _C.MODEL.RETINAMASK = CN()
 
-    # Sec. 3.1: anchor assignment. "BestMatchMatcher" applies the RetinaNet IoU thresholds of
-    # MODEL.RETINANET.IOU_THRESHOLDS and then gives every ground truth its best-matching anchors.
+    # Sec. 3.1: anchor assignment. "BestMatchMatcher" applies MODEL.RETINANET.IOU_THRESHOLDS and
+    # then gives every ground truth its best-matching anchors.
     _C.MODEL.RETINAMASK.ANCHOR_MATCHER = CN()
     _C.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME = "BestMatchMatcher"
     # Sec. 3.1, Table 1: a ground truth's best anchors become positive when their IoU is strictly
@@ -32,36 +31,32 @@ def add_retinamask_config(cfg):
     # Sec. 3.2: box regression loss, "SelfAdjustingSmoothL1Loss" or the fixed "SmoothL1Loss".
     _C.MODEL.RETINAMASK.BOX_REG_LOSS = CN()
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.NAME = "SelfAdjustingSmoothL1Loss"
-    # Sec. 3.4, Eq. 2, Table 2: the upper clamp bound beta-hat of the self-adjusting loss
-    # (0.11 was best); for the fixed SmoothL1Loss, its beta. In the units of the deltas, which
-    # MODEL.RETINANET.BBOX_REG_WEIGHTS sets: the paper's 0.11 is for weights (10, 10, 5, 5).
+    # Sec. 3.2, Eq. 2, Table 2: the upper clamp bound beta-hat of the self-adjusting loss (0.11
+    # was best), or the fixed loss's beta. In the units of MODEL.RETINANET.BBOX_REG_WEIGHTS' deltas:
+    # the paper's 0.11 is for weights (10, 10, 5, 5).
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.11
     # Sec. 3.2, Eq. 2: momentum m of the running mean and variance of |x|.
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.9
     # Weight of loss_box_reg, as ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT (0.25 in the paper's configs).
     _C.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
 
-    # Sec. 3.4: number of the detector's own top detections (after NMS) used as mask proposals
-    # per training image; the ground-truth boxes are added to them.
+    # Sec. 3.4: the detector's own top detections (after NMS) used as mask proposals per training
+    # image; the ground-truth boxes are added to them.
     _C.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN = 100
     # Mask proposals with IoU at least this to a ground truth are trained on that object's mask.
     _C.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD = 0.5
     # Sec. 3.3, Table 3: FPN levels the mask head pools from (Eq. 3 picks one per proposal).
     _C.MODEL.RETINAMASK.MASK_IN_FEATURES = ["p3", "p4", "p5"]
-    # Sec. 3.5: masks are predicted for this many top detections at test time; all detections
-    # (TEST.DETECTIONS_PER_IMAGE) are returned, the others with all-zero masks, which the
-    # evaluator of train_net.py leaves out of mask AP. <= 0 predicts masks for all detections.
+    # Sec. 3.5: masks are predicted for this many top detections; the other detections get
+    # all-zero masks, which the evaluator leaves out of mask AP. <= 0: masks for all.
     _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50
 
-    # Compatibility with the reference implementation's released models (configs/original/):
-    # build_retinamask_resnet_fpn_backbone computes P6 from this feature, "p5" as the reference
-    # does, "res5" as detectron2's RetinaNet does.
+    # The reference's released models (configs/original/, MODEL.META_ARCHITECTURE
+    # "OriginalRetinaMask"): build_retinamask_resnet_fpn_backbone computes P6 from this feature,
+    # "p5" as the reference does, "res5" as detectron2's RetinaNet does,
     _C.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE = "p5"
-    # With MODEL.FPN.NORM set, build_retinamask_resnet_fpn_backbone keeps the FPN convolutions'
-    # biases, as the reference's GroupNorm FPN does (detectron2 drops them).
+    # and, with MODEL.FPN.NORM set, keeps the FPN convolutions' biases (detectron2 drops them).
     _C.MODEL.RETINAMASK.FPN_CONV_BIAS = True
-    # The reference's test-time box conventions (clipping before NMS, inclusive boxes for the
-    # mask pooler) are MODEL.META_ARCHITECTURE "OriginalRetinaMask" (configs/original/).
 
 
 def get_retinamask_cfg(config_file=None, opts=()):

@@ -6,25 +6,23 @@ from detectron2.config import configurable
 from detectron2.modeling.matcher import Matcher
 
 from .build import ANCHOR_MATCHER_REGISTRY
+from .config import InputError
 
 __all__ = ["BestMatchMatcher"]
+
 
 @ANCHOR_MATCHER_REGISTRY.register()
 class BestMatchMatcher(Matcher):
     """
-    RetinaNet anchor matching plus the best-matching policy of RetinaMask (Sec. 3.1).
-
-    Anchors are first labelled by the IoU thresholds exactly as :class:`Matcher` does without
-    low-quality matches. Then, for every ground truth, the anchors whose IoU with it equals its
-    highest IoU over all anchors (ties included) become positive for it, when that IoU is
-    strictly greater than ``best_match_threshold``. This only adds positives: an anchor already
-    positive keeps its object. An anchor that is the best match of several ground truths is
-    given the one it overlaps most.
+    RetinaNet anchor matching plus the best-matching policy of RetinaMask (Sec. 3.1): after
+    :class:`Matcher`'s IoU thresholds, the anchors with a ground truth's highest IoU (ties
+    included) become positive for it if that IoU is strictly greater than
+    ``best_match_threshold``. An anchor already positive keeps its object; one that is the best
+    match of several ground truths gets the one it overlaps most.
 
     Unlike ``Matcher(allow_low_quality_matches=True)``, a ground truth that overlaps no anchor
-    (a zero-area box, a box outside the image) adds nothing, instead of making every anchor
-    with IoU 0 positive, and a promoted anchor is matched to the ground truth it is the best
-    anchor of, not to its overall argmax.
+    adds nothing (rather than every anchor with IoU 0), and a promoted anchor is matched to the
+    ground truth it is the best anchor of, not to its overall argmax.
     """
 
     @configurable
@@ -40,9 +38,9 @@ class BestMatchMatcher(Matcher):
         """
         super().__init__(thresholds, labels, allow_low_quality_matches=False)
         if best_match_threshold < 0:
-            raise ValueError(
-                f"best_match_threshold must be >= 0, got {best_match_threshold}; "
-                "0.0 makes any nonzero overlap a best match."
+            raise InputError(
+                f"MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD is {best_match_threshold}; "
+                "set it >= 0 (0.0, the paper's, makes any nonzero overlap a best match)."
             )
         self.best_match_threshold = best_match_threshold
 

@@ -1,11 +1,7 @@
 """
 Compatibility with the authors' released RetinaMask models (chengyangfu/retinamask, a
-maskrcnn-benchmark fork): the network parts that detectron2 builds differently, the test-time
-box conventions of the reference (:class:`OriginalRetinaMask`), and the converter of the
-authors' checkpoints into detectron2 checkpoints.
-
-Everything else the released models do is plain detectron2 configuration; see
-``configs/original/*.yaml``.
+maskrcnn-benchmark fork): the network parts and test-time box conventions that detectron2 has
+differently, and the converter of their checkpoints. The rest is ``configs/original/*.yaml``.
 """
 
 import math
@@ -50,62 +46,35 @@ __all__ = [
 class DetectronAnchorGenerator(DefaultAnchorGenerator):
     """
     The anchors of Detectron and of the reference implementation: the shape of each aspect
-    ratio is rounded to whole pixels on a stride x stride cell first, and then scaled to each
-    size, so an anchor's area is only approximately ``size**2``. Combined with
-    ``MODEL.ANCHOR_GENERATOR.OFFSET 0.5`` the anchors are exactly the reference's, with
-    detectron2's box convention (the reference's inclusive x2, y2 plus one).
-
-    The order of the cell anchors is detectron2's (sizes outer, aspect ratios inner); the
-    reference enumerates aspect ratios outer, which :func:`convert_original_state_dict`
-    accounts for.
+    ratio is rounded to whole pixels on a stride x stride cell, then scaled to each size. With
+    ``MODEL.ANCHOR_GENERATOR.OFFSET 0.5`` they are exactly the reference's, in detectron2's box
+    convention (the reference's inclusive x2, y2 plus one). Cell anchors are in detectron2's
+    order (sizes outer, aspect ratios inner), which :func:`convert_original_state_dict` follows.
     """
 
     def _calculate_anchors(self, sizes, aspect_ratios):
-        # Called by DefaultAnchorGenerator.__init__ once self.strides is set.
-        return BufferList(
-            [
-                self.generate_detectron_cell_anchors(stride, s, a)
-                for stride, s, a in zip(self.strides, sizes, aspect_ratios)
-            ]
-        )
-
-    @staticmethod
-    def generate_detectron_cell_anchors(stride: int, sizes, aspect_ratios) -> torch.Tensor:
-        """
-        Args:
-            stride (int): stride of the feature map.
-            sizes (list[float]): anchor sizes of this feature map.
-            aspect_ratios (list[float]): height / width.
-
-        Returns:
-            Tensor: (len(sizes) * len(aspect_ratios), 4) XYXY cell anchors centered at (0, 0),
-            sizes outer, aspect ratios inner.
-        """
-        anchors = []
-        for size in sizes:
-            for ratio in aspect_ratios:
-                # Rounded on the stride x stride cell (numpy rounds half to even, as the
-                # reference does), then scaled.
-                w = np.round(np.sqrt(stride * stride / ratio))
-                h = np.round(w * ratio)
-                w, h = w * size / stride, h * size / stride
-                anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
-        return torch.tensor(anchors, dtype=torch.float32)
+        # Per level, (len(sizes) * len(aspect_ratios), 4) XYXY cell anchors centred at (0, 0).
+        cell_anchors = []
+        for stride, level_sizes, ratios in zip(self.strides, sizes, aspect_ratios):
+            anchors = []
+            for size in level_sizes:
+                for ratio in ratios:
+                    # numpy rounds half to even, as the reference does.
+                    w = np.round(np.sqrt(stride * stride / ratio))
+                    h = np.round(w * ratio)
+                    w, h = w * size / stride, h * size / stride
+                    anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+            cell_anchors.append(torch.tensor(anchors, dtype=torch.float32))
+        return BufferList(cell_anchors)
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
-    detectron2's RetinaNet ResNet-FPN (P3-P7) built as the reference builds it:
-
-    * P6 and P7 are computed from ``MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE``: "p5" in the
-      reference, "res5" (C5) in detectron2's ``build_retinanet_resnet_fpn_backbone``;
-    * with ``MODEL.FPN.NORM`` set, the FPN convolutions keep their bias when
-      ``MODEL.RETINAMASK.FPN_CONV_BIAS`` is True, as the reference's GroupNorm FPN does
-      (detectron2 drops it).
-
-    Returns:
-        FPN: a backbone with outputs "p3" ... "p7".
+    detectron2's RetinaNet ResNet-FPN (outputs P3-P7) with P6 computed from
+    ``MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE`` ("p5" in the reference, "res5" in detectron2) and,
+    with ``MODEL.FPN.NORM`` and ``MODEL.RETINAMASK.FPN_CONV_BIAS``, FPN convolutions with a bias
+    as in the reference's GroupNorm FPN (detectron2 drops it).
     """
     bottom_up = build_resnet_backbone(cfg, input_shape)
     in_features = cfg.MODEL.FPN.IN_FEATURES
@@ -117,7 +86,7 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     elif top_in_feature in bottom_up.output_shape():
         top_in_channels = bottom_up.output_shape()[top_in_feature].channels
     else:
-        raise ValueError(
+        raise InputError(
             f"MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE is {top_in_feature!r}; P6 is computed from "
             f"the last FPN level {last_fpn_level!r} (as the reference) or from a ResNet output "
             f"such as 'res5' (as detectron2's RetinaNet)."
@@ -136,68 +105,43 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     return backbone
 
 
-class _InclusiveBoxPooler(nn.Module):
-    """
-    Wraps an :class:`ROIPooler` so that it pools over the reference's inclusive boxes: its
-    RoIAlign receives (x1, y1, x2 - 1, y2 - 1) in detectron2's coordinates.
-    """
-
-    def __init__(self, pooler: nn.Module):
-        super().__init__()
-        self.pooler = pooler
-
-    def forward(self, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        shift = [0.0, 0.0, 1.0, 1.0]
-        return self.pooler(features, [Boxes(b.tensor - b.tensor.new_tensor(shift)) for b in boxes])
-
-
 @META_ARCH_REGISTRY.register()
 class OriginalRetinaMask(RetinaMask):
     """
-    :class:`RetinaMask` with the reference implementation's test-time box conventions, for
-    its released models (``configs/original/``): decoded boxes are clipped to the image before
-    NMS rather than after it, and mask features are pooled over the reference's inclusive
-    boxes. Parameters and checkpoints are those of :class:`RetinaMask`.
+    :class:`RetinaMask` with the reference's test-time box conventions, for its released models:
+    decoded boxes are clipped to the image before NMS rather than after it, and mask features are
+    pooled over inclusive boxes. Parameters and checkpoints are :class:`RetinaMask`'s.
     """
 
-    @classmethod
-    def _init_mask_branch(cls, cfg, input_shape):
-        ret = super()._init_mask_branch(cfg, input_shape)
-        ret["mask_pooler"] = _InclusiveBoxPooler(ret["mask_pooler"])
-        return ret
-
-    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args, **kwargs):
-        pred = super()._decode_per_level_predictions(
-            anchors, pred_scores, pred_deltas, *args, **kwargs
+    def _pool_mask_features(self, features, boxes):
+        # RoIAlign over the reference's inclusive boxes: (x1, y1, x2 - 1, y2 - 1).
+        shift = [0.0, 0.0, 1.0, 1.0]
+        return super()._pool_mask_features(
+            features, [Boxes(b.tensor - b.tensor.new_tensor(shift)) for b in boxes]
         )
+
+    def _decode_per_level_predictions(self, *args, **kwargs):
+        pred = super()._decode_per_level_predictions(*args, **kwargs)
         pred.pred_boxes.clip(pred.image_size)
         return pred
 
 
 class OriginalCheckpointError(InputError):
-    """
-    A file that is not a checkpoint of the reference's RetinaMask, or one that does not fit
-    the config it is converted for. The message is one line naming the problem.
-    """
+    """Not a checkpoint of the reference's RetinaMask, or not one for the config at hand."""
 
 
 # The reference's parameter names -> detectron2's, as (pattern, replacement) tried in order.
 # The reference names ResNet stages layer1..layer4 (detectron2 res2..res5) and its FPN blocks
 # fpn_inner2..4 / fpn_layer2..4 for C3..C5 (detectron2 fpn_lateral3..5 / fpn_output3..5);
 # a GroupNorm FPN block is a Sequential of (conv, norm).
+_BLOCK, _RES = r"^backbone\.body\.layer(\d)\.(\d+)\.", r"backbone.bottom_up.res{s}.\2."
 _RENAMES = [
     (r"^backbone\.body\.stem\.conv1\.", "backbone.bottom_up.stem.conv1."),
     (r"^backbone\.body\.stem\.bn1\.", "backbone.bottom_up.stem.conv1.norm."),
-    (r"^backbone\.body\.layer(\d)\.(\d+)\.conv(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3."),
-    (r"^backbone\.body\.layer(\d)\.(\d+)\.bn(\d)\.", r"backbone.bottom_up.res{s}.\2.conv\3.norm."),
-    (
-        r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.",
-        r"backbone.bottom_up.res{s}.\2.shortcut.",
-    ),
-    (
-        r"^backbone\.body\.layer(\d)\.(\d+)\.downsample\.1\.",
-        r"backbone.bottom_up.res{s}.\2.shortcut.norm.",
-    ),
+    (_BLOCK + r"conv(\d)\.", _RES + r"conv\3."),
+    (_BLOCK + r"bn(\d)\.", _RES + r"conv\3.norm."),
+    (_BLOCK + r"downsample\.0\.", _RES + "shortcut."),
+    (_BLOCK + r"downsample\.1\.", _RES + "shortcut.norm."),
     (r"^backbone\.fpn\.fpn_inner(\d)\.1\.", r"backbone.fpn_lateral{s}.norm."),
     (r"^backbone\.fpn\.fpn_inner(\d)\.(0\.)?", r"backbone.fpn_lateral{s}."),
     (r"^backbone\.fpn\.fpn_layer(\d)\.1\.", r"backbone.fpn_output{s}.norm."),
@@ -241,10 +185,8 @@ def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise OriginalCheckpointError(f"{path}: no such file.") from None
-    except IsADirectoryError:
-        raise OriginalCheckpointError(f"{path}: is a directory, not a checkpoint file.") from None
+    except (FileNotFoundError, IsADirectoryError) as e:  # "no such file", "is a directory"
+        raise OriginalCheckpointError(f"{path}: {e.strerror.lower()}.") from None
     except Exception as e:
         raise OriginalCheckpointError(
             f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
@@ -292,12 +234,6 @@ def _anchor_permutation(num_sizes: int, num_ratios: int) -> List[int]:
     return [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
 
 
-def _permute_anchor_blocks(t: torch.Tensor, perm: List[int]) -> torch.Tensor:
-    # Output channels of the head's last convolutions are (anchor, per-anchor values).
-    blocks = t.reshape(len(perm), -1, *t.shape[1:])
-    return blocks[perm].reshape(t.shape)
-
-
 def convert_original_state_dict(
     state_dict: Dict[str, torch.Tensor],
     *,
@@ -338,18 +274,15 @@ def convert_original_state_dict(
         _fold_frozen_bn(converted, key[: -len("running_var")], frozen_bn_eps)
 
     perm = _anchor_permutation(num_sizes, num_ratios)
-    for key in (
-        "head.cls_score.weight",
-        "head.cls_score.bias",
-        "head.bbox_pred.weight",
-        "head.bbox_pred.bias",
-    ):
-        if converted[key].shape[0] % len(perm):
+    for key in [f"head.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")]:
+        t = converted[key]
+        if t.shape[0] % len(perm):
             raise OriginalCheckpointError(
-                f"{key} has {converted[key].shape[0]} outputs, not a multiple of the "
-                f"{len(perm)} anchors per location of MODEL.ANCHOR_GENERATOR."
+                f"{key} has {t.shape[0]} outputs, not a multiple of the {len(perm)} anchors per "
+                "location of MODEL.ANCHOR_GENERATOR."
             )
-        converted[key] = _permute_anchor_blocks(converted[key], perm)
+        # Output channels of the head's last convolutions are (anchor, per-anchor values).
+        converted[key] = t.reshape(len(perm), -1, *t.shape[1:])[perm].reshape(t.shape)
 
     # The reference's mask predictor has a channel for the background class 0; detectron2's
     # class k is the reference's k + 1.
@@ -392,15 +325,8 @@ def convert_original_checkpoint(
     state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg
 ) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, str]]:
     """
-    Convert a reference state dict for ``model`` (built from ``cfg``) and check that the
-    result loads into it with no unexpected, wrong-shaped or missing weights; only the
-    buffers in ``NEVER_SAVED`` may be missing.
-
-    Returns:
-        Same as :func:`convert_original_state_dict`.
-
-    Raises:
-        OriginalCheckpointError: with a one-line reason.
+    :func:`convert_original_state_dict` for ``model`` (built from ``cfg``), checked to load into
+    it with no unexpected, wrong-shaped or missing weights but the buffers in ``NEVER_SAVED``.
     """
     num_sizes = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
     num_ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])

@@ -1,6 +1,5 @@
-import logging
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from fvcore.nn import sigmoid_focal_loss_jit
@@ -14,14 +13,12 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import build_mask_head
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
-from detectron2.utils.events import get_event_storage
 
+from .box_reg_loss import DeferredScalars
 from .build import build_anchor_matcher, build_box_reg_loss
 from .config import InputError
 
 __all__ = ["RetinaMask"]
-
-logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -32,10 +29,8 @@ class RetinaMask(RetinaNet):
     Sec. 3.2) and a mask head fed by the detector's own top detections (Sec. 3.3, Fig. 4).
 
     Training returns ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
-    Inference returns RetinaNet's detections, less those of zero area inside the image; with a
-    mask head, each also has a mask, predicted for the top ``num_masks_test`` of them and
-    all-zero for the rest. Without a mask head the test-time computation is otherwise
-    :class:`RetinaNet`'s.
+    Inference is :class:`RetinaNet`'s, less the detections of zero area inside the image, plus
+    masks with a mask head.
     """
 
     @configurable
@@ -58,44 +53,30 @@ class RetinaMask(RetinaNet):
                 with (N, R, 4), (N, R, 4) and (N, R) tensors; returns the summed loss.
             box_reg_loss_weight (float): multiplies ``loss_box_reg`` (and no other loss).
             mask_pooler (ROIPooler or None): pools mask features from ``mask_in_features``.
-                None (together with ``mask_head``) makes a box-only model.
-            mask_head (nn.Module or None): a head of detectron2's ``ROI_MASK_HEAD_REGISTRY``.
-            mask_in_features (list[str]): features the mask head pools from; must be a subset
-                of ``head_in_features`` (:meth:`from_config` checks the full rule).
+            mask_head (nn.Module or None): a head of detectron2's ``ROI_MASK_HEAD_REGISTRY``;
+                None, with ``mask_pooler`` None, makes a box-only model.
+            mask_in_features (list[str]): consecutive levels of ``head_in_features``.
             num_mask_proposals_train (int): top detections per image used as mask proposals
                 in training (the ground-truth boxes are added to them).
             mask_fg_iou_threshold (float): a mask proposal with at least this IoU to a ground
                 truth is trained on that object's mask; the others are dropped.
-            num_masks_test (int): at test time, masks are predicted for this many top
-                detections; the others are returned too, with all-zero masks. <= 0 means all
-                detections.
+            num_masks_test (int): masks are predicted for this many top detections, the rest
+                get all-zero masks. <= 0 means all detections.
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
         self.box_reg_loss_weight = box_reg_loss_weight
-        if (mask_pooler is None) != (mask_head is None):
-            raise ValueError("mask_pooler and mask_head must be given together, or neither.")
-        missing = [f for f in mask_in_features if f not in self.head_in_features]
-        if mask_head is not None and missing:
-            raise InputError(
-                f"MODEL.RETINAMASK.MASK_IN_FEATURES has {missing}, which are not among "
-                f"MODEL.RETINANET.IN_FEATURES {list(self.head_in_features)}; the mask head "
-                "pools from the detector's own feature levels."
-            )
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
         self.mask_in_features = list(mask_in_features)
         self.num_mask_proposals_train = num_mask_proposals_train
         self.num_masks_test = num_masks_test
-        self.mask_proposal_matcher = Matcher(
-            [mask_fg_iou_threshold], [0, 1], allow_low_quality_matches=False
-        )
+        self.mask_proposal_matcher = Matcher([mask_fg_iou_threshold], [0, 1])
         # RetinaNet's EMA of the number of positive anchors, kept on the device (no .item())
         # and checkpointed so that a resumed run continues with the same normalizer.
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
-        # The last step's positive-anchor count on its way to the host: (count, event, iter).
-        self._pending_num_pos_anchors: Optional[Tuple[Tensor, object, int]] = None
+        self._num_pos_anchors_log = DeferredScalars()
 
     @classmethod
     def from_config(cls, cfg):
@@ -131,10 +112,8 @@ class RetinaMask(RetinaNet):
         mask_cfg.defrost()
         mask_cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.RETINANET.NUM_CLASSES
         channels = input_shape[in_features[0]].channels
-        head = build_mask_head(
-            mask_cfg, ShapeSpec(channels=channels, width=resolution, height=resolution)
-        )
-        return {"mask_pooler": pooler, "mask_head": head}
+        shape = ShapeSpec(channels=channels, width=resolution, height=resolution)
+        return {"mask_pooler": pooler, "mask_head": build_mask_head(mask_cfg, shape)}
 
     @property
     def mask_on(self) -> bool:
@@ -156,18 +135,16 @@ class RetinaMask(RetinaNet):
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
-        RetinaNet's losses with the box regression loss taken from ``self.box_reg_loss`` and
-        scaled by ``self.box_reg_loss_weight``. Ignored anchors are masked out rather than
-        indexed away, and ``num_pos_anchors`` reaches the event storage one step late, so no
-        step here waits for the device. Arguments and return value are those of
-        :meth:`RetinaNet.losses`.
+        :meth:`RetinaNet.losses` with ``self.box_reg_loss`` scaled by ``box_reg_loss_weight``.
+        Ignored anchors are masked out rather than indexed away, and ``num_pos_anchors`` reaches
+        the event storage one step late, so that no step waits for the device.
         """
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid_mask = gt_labels >= 0
         pos_mask = valid_mask & (gt_labels != self.num_classes)
         num_pos_anchors = pos_mask.sum().to(self.loss_normalizer.dtype)
-        self._log_num_pos_anchors(num_pos_anchors / num_images)
+        self._num_pos_anchors_log.put(["num_pos_anchors"], (num_pos_anchors / num_images)[None])
         # As RetinaNet._ema_update: momentum 0.9 over max(#positives, 1).
         self.loss_normalizer.lerp_(num_pos_anchors.clamp(min=1), 0.1)
         normalizer = self.loss_normalizer.clone()
@@ -194,44 +171,18 @@ class RetinaMask(RetinaNet):
             "loss_box_reg": loss_box_reg * self.box_reg_loss_weight / normalizer,
         }
 
-    def _log_num_pos_anchors(self, num_pos_per_image: Tensor):
-        """
-        Put RetinaNet's ``num_pos_anchors`` scalar (positive anchors per image) into the event
-        storage, as :meth:`RetinaNet.losses` does, but without its ``.item()``: the count is
-        copied to the host without blocking, and the next training step puts it into the
-        storage under the iteration it belongs to.
-        """
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # no EventStorage: training outside a trainer, nothing to log
-            return
-        if self._pending_num_pos_anchors is not None:
-            host, event, it = self._pending_num_pos_anchors
-            if event is not None:
-                event.synchronize()  # recorded a whole step ago
-            storage.put_scalar("num_pos_anchors", host.item(), cur_iter=it)
-        host = num_pos_per_image.detach().to("cpu", non_blocking=True, copy=True)
-        event = None
-        if num_pos_per_image.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending_num_pos_anchors = (host, event, storage.iter)
-
     def _decode_per_level_predictions(
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ):
         """
-        :meth:`DenseDetector._decode_per_level_predictions`, without the anchors whose box has
-        no area inside the image (width or height <= 0 once clipped to ``image_size``): an
-        empty box has no mask to predict and no RoI to pool. Their scores are pushed below
-        ``score_thresh``, so the threshold's own selection drops them, before the top-k and
-        NMS, without another host-device sync. Arguments and return value are those of the
-        parent method.
+        The parent's method without the boxes of no area inside the image, which have no mask
+        and no RoI to pool: their scores go below ``score_thresh``, so that they are dropped
+        before the top-k and NMS, without another host-device sync.
         """
         boxes = self.box2box_transform.apply_deltas(pred_deltas, anchors.tensor)  # (HWA, 4)
         h, w = image_size
-        # min(x2, w) > max(x1, 0) is "clipped width > 0", without Boxes.clip's finiteness check,
-        # which waits for the device; a NaN box fails the comparison and is dropped too.
+        # "Clipped width and height > 0" without Boxes.clip, whose finiteness check waits for
+        # the device; a NaN box fails the comparison and is dropped too.
         nonempty = (boxes[:, 2].clamp(max=w) > boxes[:, 0].clamp(min=0)) & (
             boxes[:, 3].clamp(max=h) > boxes[:, 1].clamp(min=0)
         )
@@ -243,9 +194,8 @@ class RetinaMask(RetinaNet):
     @torch.no_grad()
     def _detect_mask_proposals(self, anchors, pred_logits, pred_anchor_deltas, image_sizes):
         """
-        The detector's own detections on the detached predictions (RetinaNet's inference:
-        score threshold, per-level top-k, class-wise NMS), the top
-        ``num_mask_proposals_train`` of each image (Sec. 3.4).
+        Sec. 3.4: the mask proposals are the detector's own top ``num_mask_proposals_train``
+        detections (RetinaNet's inference on the detached predictions).
 
         Args:
             anchors (list[Boxes]): per level, (Hi * Wi * A, 4) anchors.
@@ -256,8 +206,7 @@ class RetinaMask(RetinaNet):
         Returns:
             list[Instances]: per image, ``pred_boxes``, ``scores`` and ``pred_classes``.
         """
-        # RetinaNet.inference_single_image keeps the top max_detections_per_image after NMS;
-        # the mask proposals are the top num_mask_proposals_train instead.
+        # inference_single_image keeps the top max_detections_per_image after NMS.
         max_detections_per_image = self.max_detections_per_image
         self.max_detections_per_image = self.num_mask_proposals_train
         try:
@@ -275,8 +224,8 @@ class RetinaMask(RetinaNet):
 
     def _forward_mask_training(self, features, proposals, gt_instances):
         """
-        Match the detections plus the ground-truth boxes to the ground truth, and train the mask
-        head on the foreground ones (Sec. 3.4: "the number of mask proposals is (100+Gt)").
+        Train the mask head on the detections plus the ground-truth boxes that match a ground
+        truth (Sec. 3.4: "the number of mask proposals is (100+Gt)").
         """
         mask_instances = []
         for proposals_i, gt_i in zip(proposals, gt_instances):
@@ -286,7 +235,7 @@ class RetinaMask(RetinaNet):
             instances = Instances(gt_i.image_size, proposal_boxes=boxes[fg])
             if len(gt_i) > 0:
                 if not gt_i.has("gt_masks"):
-                    raise ValueError(
+                    raise InputError(
                         "MODEL.MASK_ON is True but the training instances have no 'gt_masks'. "
                         "Train on a dataset with 'segmentation' annotations, or set "
                         "MODEL.MASK_ON False for a box-only RetinaMask."
@@ -295,92 +244,69 @@ class RetinaMask(RetinaNet):
                 instances.gt_masks = gt_i.gt_masks[matched_idxs[fg]]
             mask_instances.append(instances)
 
-        x = self.mask_pooler(
-            self._mask_features(features), [x.proposal_boxes for x in mask_instances]
-        )
+        x = self._pool_mask_features(features, [x.proposal_boxes for x in mask_instances])
         return self.mask_head(x, mask_instances)
 
-    def _mask_features(self, features: List[Tensor]) -> List[Tensor]:
+    def _pool_mask_features(self, features: List[Tensor], boxes: List[Boxes]) -> Tensor:
+        """Returns (R, C, M, M) features of the boxes of all images, from mask_in_features."""
         by_name = dict(zip(self.head_in_features, features))
-        return [by_name[f] for f in self.mask_in_features]
+        return self.mask_pooler([by_name[f] for f in self.mask_in_features], boxes)
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ):
         """
-        RetinaNet's detections (up to ``TEST.DETECTIONS_PER_IMAGE`` per image, sorted by score,
-        none of zero area inside the image), so that box AP is that of box-only inference, as
-        the paper reports it. With a
-        mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities: the mask head runs
-        on the top ``num_masks_test`` only (Sec. 3.5: "we use the top 50 bounding box
-        predictions as mask proposals"), and the others get all-zero masks, which
+        RetinaNet's detections, so that box AP is that of box-only inference, as the paper
+        reports it. With a mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities,
+        predicted for the top ``num_masks_test`` (Sec. 3.5: "we use the top 50 bounding box
+        predictions as mask proposals"); the others are all zero, which
         :func:`retinamask_d2.evaluation.build_coco_evaluator` leaves out of mask AP.
         """
         results = super().forward_inference(images, features, predictions)
         if not self.mask_on:
             return results
-        if self.num_masks_test <= 0:
-            x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in results])
-            return self.mask_head(x, results)
-        top = [r[: self.num_masks_test] for r in results]
-        x = self.mask_pooler(self._mask_features(features), [r.pred_boxes for r in top])
+        n = self.num_masks_test
+        top = [r[:n] for r in results] if n > 0 else results
+        x = self._pool_mask_features(features, [r.pred_boxes for r in top])
         top = self.mask_head(x, top)
+        if n <= 0:
+            return top
         for r, t in zip(results, top):
             # Zeros as long as a slice, not a counted length: a traced graph stays dynamic.
-            rest = r.scores[self.num_masks_test :]
-            zeros = torch.zeros_like(rest)[:, None, None, None].expand(-1, *t.pred_masks.shape[1:])
-            r.pred_masks = torch.cat([t.pred_masks, zeros.to(t.pred_masks.dtype)])
+            zeros = torch.zeros_like(r.scores[n:], dtype=t.pred_masks.dtype)[:, None, None, None]
+            r.pred_masks = torch.cat([t.pred_masks, zeros.expand(-1, *t.pred_masks.shape[1:])])
         return results
 
 
-# Eq. 3 sends a 224-pixel box to P4 and every box over 448 pixels to P5, the coarsest level the
-# paper pools masks from (Sec. 3.3; Table 3 tries P2-P5, never above P5).
-_COARSEST_MASK_LEVEL = 5
-_MASK_IN_FEATURES_EXAMPLE = '["p3", "p4", "p5"]'
-
-
-def _check_mask_in_features(
-    mask_in_features: List[str], head_in_features: List[str], input_shape: Dict[str, ShapeSpec]
-):
+def _check_mask_in_features(features: List[str], head_in_features, input_shape):
     """
-    Raise :class:`InputError` unless ``mask_in_features`` are consecutive FPN levels, fine to
-    coarse, among the detector's ``head_in_features``, no coarser than P5, with equal channels:
-    what the mask head's Eq. 3 level assignment (one level per box, clamped to the pooled
-    range) needs.
+    Raise :class:`InputError` unless ``features`` are consecutive FPN levels, fine to coarse,
+    among the detector's ``head_in_features`` and no coarser than P5, as Eq. 3 needs (one level
+    per box, clamped to a contiguous range).
     """
-    key = "MODEL.RETINAMASK.MASK_IN_FEATURES"
-    fix = (
-        "Set it to consecutive levels up to P5 of MODEL.RETINANET.IN_FEATURES, e.g. "
-        f"{_MASK_IN_FEATURES_EXAMPLE} as in the paper, or set MODEL.MASK_ON False."
+    unknown = [f for f in features if f not in head_in_features]
+    levels = [math.log2(input_shape[f].stride) for f in features if f not in unknown]
+    # Eq. 3 already sends every box over 448 pixels to P5, the coarsest level the paper pools
+    # masks from (Sec. 3.3, Table 3).
+    too_coarse = [f for f, level in zip(features, levels) if level > 5]
+    if not features:
+        problem = "is empty, but the mask head needs levels to pool from"
+    elif unknown:
+        problem = (
+            f"has {unknown}, which the detector does not compute (MODEL.RETINANET.IN_FEATURES "
+            f"is {list(head_in_features)}); the mask head pools from the detector's own levels"
+        )
+    elif any(b - a != 1 for a, b in zip(levels, levels[1:])):
+        problem = (
+            f"= {list(features)} are not consecutive FPN levels from fine to coarse; Eq. 3 "
+            "assigns each box one level of a contiguous range"
+        )
+    elif too_coarse:
+        problem = f"has {too_coarse}, coarser than P5: Eq. 3 gives P5 every box over 448 pixels"
+    else:
+        return
+    raise InputError(
+        f"MODEL.RETINAMASK.MASK_IN_FEATURES {problem}. Set it to consecutive levels up to P5 of "
+        'MODEL.RETINANET.IN_FEATURES, e.g. ["p3", "p4", "p5"] as in the paper, or set '
+        "MODEL.MASK_ON False."
     )
-    if len(mask_in_features) == 0:
-        raise InputError(f"{key} is empty, but the mask head needs levels to pool from. {fix}")
-    unknown = [f for f in mask_in_features if f not in head_in_features]
-    if unknown:
-        raise InputError(
-            f"{key} has {unknown}, which the detector does not compute (MODEL.RETINANET."
-            f"IN_FEATURES is {list(head_in_features)}); the mask head pools from the "
-            f"detector's own feature levels. {fix}"
-        )
-    levels = [math.log2(input_shape[f].stride) for f in mask_in_features]
-    if any(b - a != 1 for a, b in zip(levels, levels[1:])) or any(
-        not level.is_integer() for level in levels
-    ):
-        raise InputError(
-            f"{key} = {list(mask_in_features)} are not consecutive FPN levels from fine to "
-            f"coarse (strides {[input_shape[f].stride for f in mask_in_features]}); Eq. 3 "
-            f"assigns each box one level of a contiguous range. {fix}"
-        )
-    too_coarse = [f for f, level in zip(mask_in_features, levels) if level > _COARSEST_MASK_LEVEL]
-    if too_coarse:
-        raise InputError(
-            f"{key} has {too_coarse}, coarser than P5: Eq. 3 (k = 4 + log2(sqrt(wh) / 224)) "
-            f"already gives P5 to every box over 448 pixels, so a coarser level would only get "
-            f"boxes over 896 pixels, and the paper pools masks from P3-P5. {fix}"
-        )
-    channels = {f: input_shape[f].channels for f in mask_in_features}
-    if len(set(channels.values())) > 1:
-        raise InputError(
-            f"{key} has levels of different widths {channels}, but one mask head reads them "
-            f"all. {fix}"
-        )

@@ -189,7 +189,7 @@ def test_interrupted_generation_is_not_used_and_rerun_completes(
 
 def test_missing_split_says_how_to_generate_it(tmp_path, restore_default_registration):
     register_synthetic_shapes(str(tmp_path))
-    with pytest.raises(InputError, match=r"synthetic_shapes_train.*python tools/prepare_synthetic"):
+    with pytest.raises(InputError, match=r"synthetic_shapes_train.*prepare_synthetic.py --root "):
         DatasetCatalog.get("synthetic_shapes_train")
 
 

@@ -1,6 +1,6 @@
 """
-"synthetic_shapes": a small instance-segmentation dataset drawn from a seed, so that RetinaMask
-can be trained from scratch and evaluated on a CPU in minutes.
+"synthetic_shapes": a small instance-segmentation dataset drawn from a seed, on which RetinaMask
+trains from scratch and is evaluated on a CPU in minutes.
 
 Each 128x128 image shows ellipses, rectangles, triangles, stars and thin bars (8:1 to 20:1,
 axis-aligned or at any angle) of very different sizes on a textured, noisy background. Later
@@ -30,16 +30,6 @@ from detectron2.data.datasets import load_coco_json, register_coco_instances
 from pycocotools import mask as mask_util
 
 from ..config import InputError
-
-__all__ = [
-    "SYNTHETIC_SHAPES_CLASSES",
-    "SYNTHETIC_SHAPES_NUM_CLASSES",
-    "SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES",
-    "generate_synthetic_shapes",
-    "ensure_synthetic_dataset",
-    "register_synthetic_shapes",
-    "prepare_synthetic_datasets",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -292,11 +282,11 @@ def prepare_synthetic_datasets(dataset_names, root=None):
             ensure_synthetic_dataset(name[len(_PREFIX) :], root)
 
 
-def _load(json_file, image_root, name):
+def _load(json_file, image_root, name, root):
     if not os.path.isfile(json_file):
         raise InputError(
-            f"Dataset {name!r} has no file {json_file}. Generate it with "
-            "`python tools/prepare_synthetic.py` (with the same $DETECTRON2_DATASETS)."
+            f"Dataset {name!r} has no file {json_file}. Generate it first: "
+            f"`python tools/prepare_synthetic.py --root {root}`."
         )
     return load_coco_json(json_file, image_root, name)
 
@@ -307,6 +297,7 @@ def register_synthetic_shapes(root=None):
     ``$DETECTRON2_DATASETS`` at call time, or ``datasets``), replacing an earlier registration.
     Nothing is generated; loading a split whose files are missing raises :class:`InputError`.
     """
+    root = root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
     for split in SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES:
         name, directory = _PREFIX + split, _split_dir(split, root)
         json_file = os.path.join(directory, "instances.json")
@@ -316,7 +307,7 @@ def register_synthetic_shapes(root=None):
             MetadataCatalog.remove(name)  # it refuses to change json_file in place
         # register_coco_instances keeps a loader registered first: ours says how to fix a
         # missing file; it adds detectron2's metadata for COCOEvaluator.
-        DatasetCatalog.register(name, functools.partial(_load, json_file, image_root, name))
+        DatasetCatalog.register(name, functools.partial(_load, json_file, image_root, name, root))
         thing_classes = list(SYNTHETIC_SHAPES_CLASSES)
         register_coco_instances(name, {"thing_classes": thing_classes}, json_file, image_root)
 

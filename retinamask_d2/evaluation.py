@@ -4,12 +4,13 @@ COCO evaluation with the paper's protocol (Sec. 3.5): box AP over every detectio
 ``MODEL.RETINAMASK.NUM_MASKS_TEST`` detections of each image, the ones the mask head ran on.
 """
 
+import json
 import os
 
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.structures import Instances
 
-__all__ = ["TopDetectionsCOCOEvaluator", "build_coco_evaluator"]
+__all__ = ["TopDetectionsCOCOEvaluator", "build_coco_evaluator", "read_metrics_json"]
 
 
 class TopDetectionsCOCOEvaluator(COCOEvaluator):
@@ -66,3 +67,23 @@ def build_coco_evaluator(cfg, dataset_name, output_folder):
         output_dir=os.path.join(output_folder, "segm") if output_folder else None,
     )
     return DatasetEvaluators([boxes, masks])
+
+
+def read_metrics_json(path):
+    """
+    The records of the ``metrics.json`` that detectron2's ``JSONWriter`` writes into OUTPUT_DIR,
+    one dict a line, in file order: training statistics every 20 iterations and, after an
+    evaluation, its flattened results ("bbox/AP", "segm/AP-bar", ...). A line cut short by an
+    interrupted run is skipped.
+
+    Returns:
+        list[dict]
+    """
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -14,24 +14,22 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from pycocotools import mask as mask_utils
 
+from retinamask_d2.config import InputError
 from retinamask_d2.data import (
     SYNTHETIC_SHAPES_CLASSES,
     SYNTHETIC_SHAPES_NUM_CLASSES,
     ensure_synthetic_dataset,
     generate_synthetic_shapes,
-    is_synthetic_split_complete,
     load_checked_dataset,
+    prepare_synthetic_datasets,
     register_synthetic_shapes,
-    synthetic_shapes_split_dir,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _generate(directory, num_images=6, seed=0, split="val"):
-    return generate_synthetic_shapes(
-        str(directory), split=split, num_images=num_images, image_size=128, seed=seed
-    )
+    return generate_synthetic_shapes(str(directory), split, num_images, 128, seed)
 
 
 def _files(split_dir):
@@ -74,6 +72,12 @@ def test_different_seed_or_split_differs(tmp_path):
     assert other_split["annotations"] != json.loads(base)["annotations"]
 
 
+def test_existing_directory_is_not_overwritten(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(InputError, match="exists already. Delete it"):
+        _generate(tmp_path / "val")
+
+
 def test_coco_fields(dataset):
     split_dir, data = dataset
     assert [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])] == list(
@@ -92,17 +96,19 @@ def test_coco_fields(dataset):
     assert "time" not in json.dumps(data.get("info", {})).lower()
 
 
-def test_polygons_boxes_and_areas_agree(dataset):
+def test_rle_masks_boxes_and_areas_agree(dataset):
     _, data = dataset
     sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
     visible = {image_id: np.zeros(size, dtype=int) for image_id, size in sizes.items()}
     for annotation in data["annotations"]:
-        height, width = sizes[annotation["image_id"]]
-        assert all(len(p) >= 6 and len(p) % 2 == 0 for p in annotation["segmentation"])
-        rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], height, width))
-        assert abs(float(mask_utils.area(rle)) - annotation["area"]) <= 2
-        np.testing.assert_allclose(mask_utils.toBbox(rle), annotation["bbox"], atol=1.0)
-        visible[annotation["image_id"]] += mask_utils.decode(rle)
+        rle = annotation["segmentation"]
+        assert rle["size"] == list(sizes[annotation["image_id"]])
+        mask = mask_utils.decode(rle)
+        ys, xs = np.nonzero(mask)
+        assert annotation["area"] == len(xs)
+        x0, y0 = xs.min(), ys.min()
+        assert annotation["bbox"] == [x0, y0, xs.max() + 1 - x0, ys.max() + 1 - y0]
+        visible[annotation["image_id"]] += mask
     # Visible regions of different objects do not overlap: occluded parts were cut away.
     assert all(v.max() <= 1 for v in visible.values())
 
@@ -113,16 +119,18 @@ def test_annotations_match_drawn_pixels(dataset):
     split_dir, data = dataset
     image = data["images"][0]
     pixels = cv2.imread(os.path.join(split_dir, "images", image["file_name"])).astype(float)
+    checked = 0
     for annotation in data["annotations"]:
         if annotation["image_id"] != image["id"] or annotation["area"] < 100:
             continue
-        rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], 128, 128))
-        mask = mask_utils.decode(rle).astype(bool)
+        mask = mask_utils.decode(annotation["segmentation"]).astype(bool)
         color = np.median(pixels[mask], axis=0)
         inside = np.linalg.norm(pixels[mask] - color, axis=1)
         ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
         outside = np.linalg.norm(pixels[ring] - color, axis=1)
         assert np.median(inside) < 30 < np.median(outside)
+        checked += 1
+    assert checked >= 2
 
 
 def test_thin_bars_are_present(dataset):
@@ -132,11 +140,10 @@ def test_thin_bars_are_present(dataset):
     assert len(bars) >= 10
     rotated_aspects, box_aspects = [], []
     for bar in bars:
-        points = np.concatenate([np.reshape(p, (-1, 2)) for p in bar["segmentation"]]).astype(
-            np.float32
-        )
-        (_, _), (w, h), _ = cv2.minAreaRect(points)
-        rotated_aspects.append(max(w, h) / max(min(w, h), 1e-6))
+        ys, xs = np.nonzero(mask_utils.decode(bar["segmentation"]))
+        # The rotated rectangle around the pixel centers, each widened by half a pixel.
+        (_, _), (w, h), _ = cv2.minAreaRect(np.stack([xs, ys], axis=1).astype(np.float32))
+        rotated_aspects.append((max(w, h) + 0.5) / (min(w, h) + 0.5))
         _, _, bw, bh = bar["bbox"]
         box_aspects.append(max(bw, bh) / min(bw, bh))
     # Even after occlusion and truncation every bar stays at least 8:1; the axis-aligned ones
@@ -146,18 +153,17 @@ def test_thin_bars_are_present(dataset):
     assert min(box_aspects) < 8  # some are at an angle
 
 
-def test_killed_generation_is_not_used_and_rerun_completes(tmp_path):
+def test_interrupted_generation_is_not_used_and_rerun_completes(
+    tmp_path, restore_default_registration
+):
     root = str(tmp_path)
-    split_dir = synthetic_shapes_split_dir("val", root)
     script = textwrap.dedent(f"""
         from retinamask_d2.data import ensure_synthetic_dataset
         ensure_synthetic_dataset("val", {root!r}, num_images=100000)
         """)
     process = subprocess.Popen([sys.executable, "-c", script], env=_subprocess_env(), cwd=REPO_ROOT)
     try:
-        pattern = os.path.join(
-            root, "synthetic_shapes", ".val.incomplete.*", "val", "images", "*.png"
-        )
+        pattern = os.path.join(root, "synthetic_shapes", "val.incomplete", "images", "*.png")
         deadline = time.time() + 120
         while len(glob.glob(pattern)) < 3:
             assert process.poll() is None, "generation ended before it could be interrupted"
@@ -170,30 +176,20 @@ def test_killed_generation_is_not_used_and_rerun_completes(tmp_path):
             process.kill()
             process.wait()
 
-    leftovers = glob.glob(os.path.join(root, "synthetic_shapes", ".val.incomplete.*"))
-    assert len(leftovers) == 1
-    assert not os.path.exists(split_dir)
-    assert not is_synthetic_split_complete(split_dir, split="val", num_images=100000)
+    assert os.listdir(os.path.join(root, "synthetic_shapes")) == ["val.incomplete"]
+    register_synthetic_shapes(root)
+    with pytest.raises(InputError):
+        DatasetCatalog.get("synthetic_shapes_val")
 
     json_file, image_root = ensure_synthetic_dataset("val", root, num_images=5)
-    assert is_synthetic_split_complete(split_dir, split="val", num_images=5)
     assert len(json.load(open(json_file))["images"]) == 5 == len(os.listdir(image_root))
-    # The killed process's temporary directory is cleaned up by the rerun.
-    assert not os.path.exists(leftovers[0])
+    assert os.listdir(os.path.join(root, "synthetic_shapes")) == ["val"]
 
 
-def test_other_parameters_regenerate_and_foreign_directory_is_kept(tmp_path):
-    root = str(tmp_path)
-    ensure_synthetic_dataset("val", root, num_images=3)
-    json_file, _ = ensure_synthetic_dataset("val", root, num_images=4)
-    assert len(json.load(open(json_file))["images"]) == 4
-
-    foreign = synthetic_shapes_split_dir("train", root)
-    os.makedirs(foreign)
-    open(os.path.join(foreign, "notes.txt"), "w").close()
-    with pytest.raises(FileExistsError, match="not a synthetic_shapes split"):
-        ensure_synthetic_dataset("train", root, num_images=3)
-    assert os.listdir(foreign) == ["notes.txt"]
+def test_missing_split_says_how_to_generate_it(tmp_path, restore_default_registration):
+    register_synthetic_shapes(str(tmp_path))
+    with pytest.raises(InputError, match=r"synthetic_shapes_train.*prepare_synthetic.py --root "):
+        DatasetCatalog.get("synthetic_shapes_train")
 
 
 def test_import_registers_without_generating(tmp_path):
@@ -218,9 +214,18 @@ def test_import_registers_without_generating(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_prepare_generates_only_synthetic_splits(tmp_path):
+    prepare_synthetic_datasets(["coco_2017_val", "synthetic_shapes_val"], str(tmp_path))
+    assert os.listdir(tmp_path / "synthetic_shapes") == ["val"]
+    assert len(os.listdir(tmp_path / "synthetic_shapes" / "val" / "images")) == 50
+    with pytest.raises(InputError, match="no split 'test'"):
+        prepare_synthetic_datasets(["synthetic_shapes_test"], str(tmp_path))
+
+
 def test_registered_split_loads_from_given_root(tmp_path, restore_default_registration):
-    register_synthetic_shapes(str(tmp_path), num_images={"train": 4, "val": 3})
-    register_synthetic_shapes(str(tmp_path), num_images={"train": 4, "val": 3})  # no error
+    ensure_synthetic_dataset("val", str(tmp_path), num_images=3)
+    register_synthetic_shapes(str(tmp_path))
+    register_synthetic_shapes(str(tmp_path))  # again: no error
 
     dicts = DatasetCatalog.get("synthetic_shapes_val")
     assert len(dicts) == 3
@@ -238,4 +243,15 @@ def test_registered_split_loads_from_given_root(tmp_path, restore_default_regist
     COCOEvaluator("synthetic_shapes_val", output_dir=None)  # reads metadata.json_file
 
     assert len(load_checked_dataset("synthetic_shapes_val", SYNTHETIC_SHAPES_NUM_CLASSES)) == 3
-    assert not os.path.exists(synthetic_shapes_split_dir("train", str(tmp_path)))
+
+
+def test_prepare_command_generates_both_splits(tmp_path):
+    command = [sys.executable, "tools/prepare_synthetic.py", "--root", str(tmp_path)]
+    result = subprocess.run(
+        command, env=_subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    for split, num_images in (("train", 300), ("val", 50)):
+        json_file = tmp_path / "synthetic_shapes" / split / "instances.json"
+        assert f"synthetic_shapes_{split}: {json_file}" in result.stdout
+        assert len(json.loads(json_file.read_text())["images"]) == num_images

@@ -27,7 +27,7 @@ import train_net
 from conftest import CONFIG_DIR, REPO_ROOT
 from retinamask_d2 import InputError
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
-from retinamask_d2.data import ensure_synthetic_dataset, register_synthetic_shapes
+from retinamask_d2.data import prepare_synthetic_datasets, register_synthetic_shapes
 
 CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")
 
@@ -49,8 +49,7 @@ SUBPROCESS_TIMEOUT = 600
 def datasets_root(tmp_path_factory):
     """$DETECTRON2_DATASETS holding the default synthetic_shapes splits, generated once."""
     root = str(tmp_path_factory.mktemp("datasets"))
-    ensure_synthetic_dataset("train", root)
-    ensure_synthetic_dataset("val", root)
+    prepare_synthetic_datasets(["synthetic_shapes_train", "synthetic_shapes_val"], root)
     return root
 
 

@@ -12,13 +12,16 @@ the median of the last 20 iterations, written every 20 iterations.
 """
 
 import argparse
-import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from retinamask_d2.evaluation import read_metrics_json  # noqa: E402
 
 COORDS = ("dx", "dy", "dw", "dh")
 # (key in metrics.json, axis label)
@@ -48,17 +51,12 @@ def read_curves(path):
         iteration. A resumed run writes some iterations twice; the last record wins.
     """
     points = {stat: {c: {} for c in COORDS} for stat, _ in PANELS}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-            for stat, by_coord in points.items():
-                for coord, values in by_coord.items():
-                    key = f"box_reg_{stat}/{coord}"
-                    if key in record:
-                        values[record["iteration"]] = record[key]
+    for record in read_metrics_json(path):
+        for stat, by_coord in points.items():
+            for coord, values in by_coord.items():
+                key = f"box_reg_{stat}/{coord}"
+                if key in record:
+                    values[record["iteration"]] = record[key]
     if not any(points[stat][c] for stat in points for c in COORDS):
         raise ValueError(
             f"{path} has no box_reg_mean/*, box_reg_var/* or box_reg_beta/* values: the run did "

@@ -1,6 +1,6 @@
 """
 Datasets of retinamask_d2. Importing this package registers ``synthetic_shapes_train`` and
-``synthetic_shapes_val`` (generated on first use, see :mod:`.synthetic`).
+``synthetic_shapes_val``; generate their files once, before training (see :mod:`.synthetic`).
 """
 
 from .checks import load_checked_dataset
@@ -10,10 +10,19 @@ from .synthetic import (
     SYNTHETIC_SHAPES_CLASSES,
     SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES,
     SYNTHETIC_SHAPES_NUM_CLASSES,
-    default_datasets_root,
     ensure_synthetic_dataset,
     generate_synthetic_shapes,
-    is_synthetic_split_complete,
+    prepare_synthetic_datasets,
     register_synthetic_shapes,
-    synthetic_shapes_split_dir,
 )
+
+__all__ = [
+    "SYNTHETIC_SHAPES_CLASSES",
+    "SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES",
+    "SYNTHETIC_SHAPES_NUM_CLASSES",
+    "ensure_synthetic_dataset",
+    "generate_synthetic_shapes",
+    "load_checked_dataset",
+    "prepare_synthetic_datasets",
+    "register_synthetic_shapes",
+]

@@ -3,9 +3,14 @@ Datasets of retinamask_d2. Importing this package registers ``synthetic_shapes_t
 ``synthetic_shapes_val``; generate their files once, before training (see :mod:`.synthetic`).
 """
 
-from .checks import load_checked_dataset
-from .checks import check_datasets, dataset_num_classes, drop_invalid_annotations
-from .checks import find_invalid_annotations, register_coco_datasets
+from .checks import (
+    check_datasets,
+    dataset_num_classes,
+    drop_invalid_annotations,
+    find_invalid_annotations,
+    load_checked_dataset,
+    register_coco_datasets,
+)
 from .synthetic import (
     SYNTHETIC_SHAPES_CLASSES,
     SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES,
@@ -17,6 +22,11 @@ from .synthetic import (
 )
 
 __all__ = [
+    "check_datasets",
+    "dataset_num_classes",
+    "drop_invalid_annotations",
+    "find_invalid_annotations",
+    "register_coco_datasets",
     "SYNTHETIC_SHAPES_CLASSES",
     "SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES",
     "SYNTHETIC_SHAPES_NUM_CLASSES",

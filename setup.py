@@ -48,6 +48,8 @@ setup(
         "opencv-python-headless>=4.5",
         # Downloads the authors' released checkpoints from Google Drive (model zoo).
         "gdown>=6.5",
+        # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed.
+        "setuptools<81",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.5"],  # tests/test_plot_beta.py

@@ -56,7 +56,11 @@ def _demo(*args, weights=None):
            "--config-file", os.path.join(CONFIG_DIR, CONFIG_NAME), *map(str, args),
            "MODEL.DEVICE", "cpu", *(["MODEL.WEIGHTS", weights] if weights else [])]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # Messages go to stdout (detectron2's logger), errors to stderr: both end up in .stdout.
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=300,
+    )  # fmt: skip
 
 
 def test_demo_draws_instances_on_every_image(images, weights, tmp_path):

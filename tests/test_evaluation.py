@@ -2,6 +2,7 @@
 The paper's evaluation protocol: box AP over every detection, mask AP over the top ones. On a
 trained model end to end, see test_train_net.py.
 """
+
 import json
 
 import numpy as np
@@ -112,6 +113,4 @@ def test_box_ap_counts_every_detection(two_images):
     np.testing.assert_equal(results["segm"], _evaluate(ours, inputs, outputs)["segm"])
 
     cfg.MODEL.MASK_ON = False
-    assert set(_evaluate(build_coco_evaluator(cfg, two_images, None), inputs, outputs)) == {
-        "bbox"
-    }
+    assert set(_evaluate(build_coco_evaluator(cfg, two_images, None), inputs, outputs)) == {"bbox"}

@@ -28,6 +28,7 @@ def main(argv):
     """tools/export_model.py with the command-line arguments ``argv``."""
     export_model.main(export_model.get_parser().parse_args(argv))
 
+
 CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")
 # An untrained model scores every anchor about 0.01: a threshold of 0 gives full detection sets.
 OPTS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
@@ -78,8 +79,7 @@ def test_box_only_export_runs_with_plain_detectron2(checkpoint, tmp_path):
     assert not [k for k in state if k.startswith(("mask_head", "box_reg_loss", "loss_norm"))]
 
     # A fresh python in which retinamask_d2 cannot be imported at all.
-    script = textwrap.dedent(
-        f"""
+    script = textwrap.dedent(f"""
         import sys
         sys.modules["retinamask_d2"] = None
         import cv2, torch
@@ -96,8 +96,7 @@ def test_box_only_export_runs_with_plain_detectron2(checkpoint, tmp_path):
         with torch.no_grad():
             out = model([{{"image": image}}])[0]["instances"]
         torch.save({{"arch": type(model).__name__, **out.get_fields()}}, {str(tmp_path / "d2.pth")!r})
-        """
-    )
+        """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env)
     plain = torch.load(tmp_path / "d2.pth", weights_only=False)

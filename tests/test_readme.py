@@ -1,6 +1,7 @@
 """
 README.md's predictor snippet runs as written, right after the quick start.
 """
+
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ def test_predictor_snippet_runs_after_the_quick_start(tmp_path):
     # (untrained weights here; the snippet only needs the file).
     os.symlink(CONFIG_DIR, tmp_path / "configs")
     ensure_synthetic_dataset("val", str(tmp_path / "datasets"))
+    os.makedirs(tmp_path / "output" / "synthetic_retinamask")
     model = build_model(load_config(os.path.join("synthetic", "retinamask_synthetic.yaml")))
     DetectionCheckpointer(model, str(tmp_path / "output" / "synthetic_retinamask")).save(
         "model_final"

@@ -436,8 +436,7 @@ def test_bad_test_data_is_named_before_evaluation(bad_dataset, tmp_path):
 _SAVE_FOREVER = textwrap.dedent("""
     import sys
     import torch
-    from retinamask_d2 import InputError
-from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
+    from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 
     model = torch.nn.Linear(1024, 4096)
     checkpointer = AtomicDetectionCheckpointer(model, sys.argv[1])
@@ -527,16 +526,20 @@ def _error_line(result):
 def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just some text\n")
-    args, config, expected = {
-        "batch 0": (["SOLVER.IMS_PER_BATCH", 0], CONFIG, "IMS_PER_BATCH 0 .* set it to"),
+    # (flags, KEY VALUE options after FAST_OPTS, config file, expected message)
+    flags, opts, config, expected = {
+        "batch 0": ([], ["SOLVER.IMS_PER_BATCH", 0], CONFIG, "IMS_PER_BATCH 0 .* set it to"),
         "batch not divisible": (
-            ["--num-gpus", 2, "SOLVER.IMS_PER_BATCH", 3], CONFIG, "multiple of 2: set it to e.g. 2"
+            ["--num-gpus", 2], ["SOLVER.IMS_PER_BATCH", 3], CONFIG, "multiple of 2: set it to e.g. 2"
         ),
-        "plain text config": ([], str(text), "not a YAML mapping"),
-        "text weights": (["--eval-only", "MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
-        "empty mask levels": (["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"),
+        "plain text config": ([], [], str(text), "not a YAML mapping"),
+        "text weights": (["--eval-only"], ["MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
+        "empty mask levels": (
+            [], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"
+        ),
     }[case]  # fmt: skip
-    result = _run(datasets_root, *args, *FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", config=config)
+    out = tmp_path / "out"
+    result = _run(datasets_root, *flags, *FAST_OPTS, "OUTPUT_DIR", out, *opts, config=config)
     lines = _error_line(result)
     assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
@@ -602,6 +605,6 @@ def test_two_machines_on_loopback_train_and_finish(datasets_root, tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-5000:]
     assert _load(out / "model_final.pth")["iteration"] == 3
-    # Each machine's single process is rank 0 of its machine and holds half of the batch.
-    assert "Rank of current process: 0. World size: 2" in logs[0]
-    assert "Rank of current process: 1. World size: 2" in logs[1]
+    # One process on each machine, ranks 0 and 1 of one run (rank 1 logs to its file only).
+    assert "Rank of current process: 0. World size: 2" in (out / "log.txt").read_text()
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()

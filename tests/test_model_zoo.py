@@ -134,16 +134,21 @@ def test_path_missing_on_server_names_url(zoo_dir, isolated_zoo, monkeypatch):
     assert [f for f in _cached_files(isolated_zoo) if not f.endswith(".lock")] == []
 
 
-def test_silent_server_times_out_naming_url(monkeypatch):
-    # Accepts connections (the kernel completes the handshake) but never answers a request.
+@pytest.fixture
+def silent_server(monkeypatch):
+    """The URL of a server that accepts connections but never answers; downloads time out in 1 s."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(1)
-        url = "http://127.0.0.1:{}/zoo".format(silent.getsockname()[1])
-        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        silent.listen(1)  # the kernel completes the handshake
         monkeypatch.setenv("RETINAMASK_DOWNLOAD_TIMEOUT", "1")
-        with pytest.raises(OSError, match="Could not download") as e:
-            PathManager.get_local_path("retinamask://" + ZOO_PATH)
+        yield "http://127.0.0.1:{}".format(silent.getsockname()[1])
+
+
+def test_silent_server_times_out_naming_url(silent_server, monkeypatch):
+    url = silent_server + "/zoo"
+    monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+    with pytest.raises(OSError, match="Could not download") as e:
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
     assert url + "/" + ZOO_PATH in str(e.value)
     assert socket.getdefaulttimeout() is None
 
@@ -339,16 +344,11 @@ def test_interrupted_authors_download_leaves_no_finished_file(
         assert PathManager.get_local_path(ORIGINAL_URL).endswith("original/retinamask_R50.pth")
 
 
-def test_silent_mirror_times_out_naming_url(isolated_zoo, monkeypatch):
-    # Accepts connections (the kernel completes the handshake) but never answers a request.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(1)
-        url = "http://127.0.0.1:{}".format(silent.getsockname()[1])
-        monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
-        monkeypatch.setenv("RETINAMASK_DOWNLOAD_TIMEOUT", "1")
-        with pytest.raises(OSError, match="Could not download the authors' checkpoint") as e:
-            PathManager.get_local_path(ORIGINAL_URL)
+def test_silent_mirror_times_out_naming_url(isolated_zoo, silent_server, monkeypatch):
+    url = silent_server
+    monkeypatch.setenv("RETINAMASK_ORIGINAL_URL", url)
+    with pytest.raises(OSError, match="Could not download the authors' checkpoint") as e:
+        PathManager.get_local_path(ORIGINAL_URL)
     assert url + "/" + ORIGINAL_MODELS[ORIGINAL_CONFIG].drive_id in str(e.value)
     # The timeout is the request's own: nothing process-wide was changed.
     assert socket.getdefaulttimeout() is None

@@ -5,7 +5,6 @@ import tempfile
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.engine import launch
 from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 from detectron2.structures import Boxes
@@ -14,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from retinamask_d2 import (
     SelfAdjustingSmoothL1Loss,
     SmoothL1Loss,
-    add_retinamask_config,
+    get_retinamask_cfg,
     build_box_reg_loss,
 )
 
@@ -183,8 +182,7 @@ def test_fixed_beta_loss_equals_detectron2_smooth_l1():
 
 
 def test_built_from_config():
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
+    cfg = get_retinamask_cfg()
     cfg.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.2
     cfg.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.5
     loss_fn = build_box_reg_loss(cfg)

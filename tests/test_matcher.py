@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
 
-from retinamask_d2 import BestMatchMatcher, add_retinamask_config, build_anchor_matcher
+from retinamask_d2 import BestMatchMatcher, build_anchor_matcher, get_retinamask_cfg
 
 RETINANET_THRESHOLDS = ([0.4, 0.5], [0, -1, 1])
 
@@ -117,8 +116,7 @@ def test_no_ground_truth():
 
 
 def test_built_from_config():
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
+    cfg = get_retinamask_cfg()
     cfg.MODEL.RETINANET.IOU_THRESHOLDS = [0.3, 0.6]
     cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD = 0.2
     matcher = build_anchor_matcher(cfg)

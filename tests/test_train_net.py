@@ -521,7 +521,14 @@ def _error_line(result):
 
 @pytest.mark.parametrize(
     "case",
-    ["batch 0", "batch not divisible", "plain text config", "text weights", "empty mask levels"],
+    [
+        "batch 0",
+        "batch not divisible",
+        "plain text config",
+        "text weights",
+        "empty mask levels",
+        "empty mask levels, two processes",
+    ],
 )
 def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
     text = tmp_path / "notes.txt"
@@ -536,6 +543,11 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
         "text weights": (["--eval-only"], ["MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
         "empty mask levels": (
             [], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"
+        ),
+        # Raised in the spawned processes, printed by the launching one.
+        "empty mask levels, two processes": (
+            ["--num-gpus", 2], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG,
+            "MASK_IN_FEATURES",
         ),
     }[case]  # fmt: skip
     out = tmp_path / "out"

@@ -219,7 +219,7 @@ def drop_invalid_annotations(dataset_names: Iterable[str]) -> Dict[str, int]:
                 f"--drop-invalid-annotations cannot filter it. Fix its annotations instead."
             )
         if not os.path.isfile(json_file):
-            _load(name)  # a dataset generated on first use writes its file when loaded
+            _load(name)  # raises the error that names the missing file
         coco = _read_json(json_file, name)
         invalid_ids = frozenset(a for _, a, _ in find_invalid_annotations(coco))
         counts[name] = len(invalid_ids)
@@ -335,8 +335,7 @@ def _load(dataset_name: str) -> List[Dict]:
     try:
         return DatasetCatalog.get(dataset_name)
     except FileNotFoundError as e:
-        # Synthetic datasets create their file while loading: only a file still missing
-        # afterwards is the annotation file's fault.
+        # Only a missing annotation file is named here; any other missing file is re-raised.
         if json_file is None or os.path.isfile(json_file):
             raise
         raise InputError(

@@ -26,7 +26,7 @@ import zlib
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 from pycocotools import mask as mask_util
 
 from ..config import InputError
@@ -305,11 +305,13 @@ def register_synthetic_shapes(root=None):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)  # it refuses to change json_file in place
-        # register_coco_instances keeps a loader registered first: ours says how to fix a
-        # missing file; it adds detectron2's metadata for COCOEvaluator.
+        # register_coco_instances with a loader that says how to fix a missing file; the same
+        # metadata, which COCOEvaluator reads.
         DatasetCatalog.register(name, functools.partial(_load, json_file, image_root, name, root))
-        thing_classes = list(SYNTHETIC_SHAPES_CLASSES)
-        register_coco_instances(name, {"thing_classes": thing_classes}, json_file, image_root)
+        MetadataCatalog.get(name).set(
+            json_file=json_file, image_root=image_root, evaluator_type="coco",
+            thing_classes=list(SYNTHETIC_SHAPES_CLASSES),
+        )  # fmt: skip
 
 
 register_synthetic_shapes()

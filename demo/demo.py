@@ -14,7 +14,6 @@ Unreadable images are reported and skipped; the exit status is non-zero if none 
 import argparse
 import logging
 import os
-import sys
 import time
 
 from detectron2.data import MetadataCatalog
@@ -24,6 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 from retinamask_d2 import InputError, get_retinamask_cfg
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
+from retinamask_d2.engine import one_line_errors
 from retinamask_d2.visualization import draw_instances, remove_overlaps, resize_for_test
 
 logger = logging.getLogger("retinamask_d2.demo")
@@ -102,7 +102,5 @@ def main(args):
 
 if __name__ == "__main__":
     setup_logger(name="retinamask_d2")
-    try:
+    with one_line_errors():
         main(get_parser().parse_args())
-    except InputError as e:
-        sys.exit(f"ERROR: {e}")

@@ -94,37 +94,3 @@ def _check_config_file(path):
             f"Config file {path!r} is not a YAML mapping of config keys (it holds "
             f"{type(content).__name__}). Pass a config such as configs/retinamask_R50.yaml."
         )
-
-
-def config_sets(config_file, opts, key: str) -> bool:
-    """
-    Whether ``key`` (e.g. "MODEL.RETINANET.NUM_CLASSES") is set by ``opts`` or by
-    ``config_file`` or a file of its ``_BASE_`` chain, rather than left at its default.
-    """
-    if key in list(opts)[::2]:
-        return True
-    while config_file:
-        with open(config_file) as f:
-            node = yaml.safe_load(f) or {}
-        base = node.get("_BASE_")
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return True
-        config_file = base and os.path.join(os.path.dirname(config_file), base)
-    return False
-
-
-def check_batch_size(cfg, num_processes: int) -> None:
-    """
-    Raises:
-        InputError: ``SOLVER.IMS_PER_BATCH`` is not a positive multiple of ``num_processes``,
-            the number of training processes, which share the batch equally.
-    """
-    batch = cfg.SOLVER.IMS_PER_BATCH
-    if batch <= 0 or batch % num_processes:
-        raise InputError(
-            f"SOLVER.IMS_PER_BATCH {batch} is the total batch of all {num_processes} training "
-            f"process(es) and must be a positive multiple of {num_processes}: set it to e.g. "
-            f"{num_processes * max(1, batch // num_processes)}."
-        )

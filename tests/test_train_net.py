@@ -28,6 +28,7 @@ from conftest import CONFIG_DIR, REPO_ROOT
 from retinamask_d2 import InputError
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.data import prepare_synthetic_datasets, register_synthetic_shapes
+from retinamask_d2.engine import build_config, check_before_launch
 
 CONFIG = os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml")
 
@@ -417,14 +418,14 @@ def test_bad_training_data_is_named_before_training(case, bad_dataset, tmp_path)
     name, _ = bad_dataset(content, *([image_root] if image_root else []))
     args = _parse_args(*FAST_OPTS, "OUTPUT_DIR", tmp_path / "out", "DATASETS.TRAIN", f"('{name}',)")
     with pytest.raises(error, match=message):
-        train_net.check(train_net.build_config(args), args)
+        check_before_launch(build_config(args), args)
 
 
 def test_bad_test_data_is_named_before_evaluation(bad_dataset, tmp_path):
     name, _ = bad_dataset('{"images": [')
     args = _parse_args("--eval-only", *FAST_OPTS, "DATASETS.TEST", f"('{name}',)")
     with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
-        train_net.check(train_net.build_config(args), args)
+        check_before_launch(build_config(args), args)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ listed in DIR/outputs.json, are the detections before scaling to the original im
 """
 
 import argparse
-import sys
 
 from detectron2.utils.logger import setup_logger
 
 from retinamask_d2 import InputError, get_retinamask_cfg
+from retinamask_d2.engine import one_line_errors
 from retinamask_d2.export import export_box_only, export_graph, sample_image
 
 
@@ -50,7 +50,5 @@ def main(args):
 if __name__ == "__main__":
     setup_logger(name="retinamask_d2")
     setup_logger(name="detectron2")
-    try:
+    with one_line_errors():
         main(get_parser().parse_args())
-    except InputError as e:
-        sys.exit(f"ERROR: {e}")

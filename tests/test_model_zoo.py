@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from retinamask_d2 import InputError, model_zoo
-from retinamask_d2.model_zoo.catalog import CHECKPOINTS, ORIGINAL_MODELS
+from retinamask_d2.model_zoo import CHECKPOINTS, ORIGINAL_MODELS
 
 from original_layout import original_state_dict, trainer_checkpoint
 

@@ -1,8 +1,16 @@
+"""
+Shipped RetinaMask configs and trained models (the authors' and registered ones), with the API
+of ``detectron2.model_zoo``. Importing this registers the ``retinamask://`` path prefix with
+detectron2's ``PathManager``, so that ``MODEL.WEIGHTS`` may name a zoo checkpoint.
+"""
+
+import glob
 import hashlib
 import logging
 import os
 import re
-from typing import Dict, List, Optional
+from collections import namedtuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from iopath.common.file_io import file_lock, get_cache_dir
@@ -11,52 +19,70 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathHandler, PathManager
 
-from ..checkpoint import AtomicDetectionCheckpointer, write_atomically
-from ..config import InputError, get_retinamask_cfg
-from ..original import OriginalCheckpointError, convert_original_file
-from .catalog import CHECKPOINTS, DOWNLOAD_TIMEOUT_ENV, MODEL_ZOO_URL_ENV, ORIGINAL_MODELS
-from .catalog import ORIGINAL_URL_ENV, PREFIX
+from .checkpoint import AtomicDetectionCheckpointer, write_atomically
+from .config import InputError, get_retinamask_cfg
+from .original import OriginalCheckpointError, convert_original_file
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-_REPO_ROOT = os.path.dirname(_PACKAGE_DIR)
+# Read at each download, so that setting them after import takes effect.
+# The server of registered checkpoints, as <URL>/<path in zoo>; no default, none are published.
+MODEL_ZOO_URL_ENV = "RETINAMASK_MODEL_ZOO_URL"
+# A mirror that serves the authors' checkpoints as <URL>/<Drive file id>; Google Drive if unset.
+ORIGINAL_URL_ENV = "RETINAMASK_ORIGINAL_URL"
+# Seconds each request of a download may wait on a silent server (default 60).
+DOWNLOAD_TIMEOUT_ENV = "RETINAMASK_DOWNLOAD_TIMEOUT"
+
+PREFIX = "retinamask://"
+
+# config name -> (path of its checkpoint under $RETINAMASK_MODEL_ZOO_URL, its hex SHA-256), set
+# by register_checkpoint; the checkpoint is retinamask://<path>.
+CHECKPOINTS: Dict[str, Tuple[str, str]] = {}
+
+
+# A model released by the authors (chengyangfu/retinamask README): its Google Drive file id, their
+# COCO test-dev AP and inference times (seconds per image on an Nvidia 1080 Ti).
+OriginalModel = namedtuple("OriginalModel", "drive_id box_ap mask_ap box_time mask_time")
+
+# config name -> the authors' release; its checkpoint is retinamask://original/<name>.pth.
+ORIGINAL_MODELS: Dict[str, OriginalModel] = {
+    f"original/retinamask_{backbone}.yaml": OriginalModel(*release)
+    for backbone, *release in [
+        ("R50", "17QnkNoibgzRnnSeLDFo27LmgPUifFBxz", 39.4, 34.9, 0.124, 0.139),
+        ("R101", "1Fl-TI1oDRVBFYI1h1mn7IiEOXwTIR3AC", 41.4, 36.6, 0.145, 0.160),
+        ("R101_GN", "19MCU9Q0YXbIrc4fRSPRV53T_RSxiVqh0", 41.7, 36.7, 0.153, 0.164),
+        ("X101_32x8d_GN", "1n-tcTUZ28s0uvDOB_gZmsFtxA8flGxKF", 42.6, 37.4, 0.231, 0.270),
+    ]
+}
 
 
 def _shipped_configs() -> Dict[str, str]:
     """
     Returns:
         dict[str, str]: config name relative to ``configs/`` (with "/" separators) -> file.
-        An installed wheel has the configs in the package (setup.py links them there); a
-        source checkout without that link has them only at the top level, which is ours only
-        when setup.py is beside it (in a wheel it is site-packages).
+        A wheel has the configs in the package (setup.py links them there); a source checkout
+        may have them only at the top level, ours only when setup.py is beside it.
     """
-    dirs = [os.path.join(_PACKAGE_DIR, "configs")]
-    if os.path.isfile(os.path.join(_REPO_ROOT, "setup.py")):
-        dirs.insert(0, os.path.join(_REPO_ROOT, "configs"))
+    package = os.path.dirname(os.path.realpath(__file__))
+    dirs = [os.path.join(package, "configs")]
+    if os.path.isfile(os.path.join(os.path.dirname(package), "setup.py")):
+        dirs.insert(0, os.path.join(os.path.dirname(package), "configs"))
     configs = {}
     for config_dir in dirs:  # the package's own, last, wins
-        for root, _, files in os.walk(config_dir, followlinks=True):
-            for f in files:
-                if f.endswith(".yaml"):
-                    name = os.path.relpath(os.path.join(root, f), config_dir)
-                    configs[name.replace(os.sep, "/")] = os.path.join(root, f)
+        for f in glob.glob(os.path.join(glob.escape(config_dir), "**", "*.yaml"), recursive=True):
+            configs[os.path.relpath(f, config_dir).replace(os.sep, "/")] = f
     return configs
 
 
 def list_configs() -> List[str]:
-    """
-    Returns:
-        list[str]: sorted names of the shipped configs, relative to ``configs/``.
-    """
+    """Sorted names of the shipped configs, relative to ``configs/``."""
     return sorted(_shipped_configs())
 
 
 def get_config_file(config_path: str) -> str:
     """
-    Returns:
-        str: the real path of a shipped config, named relative to retinamask_d2's
-        ``configs/``, e.g. "retinamask_R50.yaml" or "synthetic/retinamask_synthetic.yaml".
+    The real path of a shipped config, named relative to ``configs/``, e.g.
+    "retinamask_R50.yaml" or "synthetic/retinamask_synthetic.yaml".
     """
     # Only listed names are looked up, so "../setup.py" cannot reach outside configs/.
     configs = _shipped_configs()
@@ -91,10 +117,8 @@ def register_checkpoint(config_path: str, path_in_zoo: str, sha256: str) -> str:
 
 def get_checkpoint_url(config_path: str) -> str:
     """
-    Returns:
-        str: the URL of the model trained with a shipped config: ``retinamask://<path>`` of its
-        catalogued checkpoint, or for the authors' models (``original/*.yaml``)
-        ``retinamask://original/<name>.pth``, their checkpoint converted on first use.
+    The URL of the model trained with a shipped config: ``retinamask://<path>`` if registered;
+    for the authors' ``original/<name>.yaml``, ``retinamask://original/<name>.pth``.
     """
     get_config_file(config_path)
     if config_path in CHECKPOINTS:
@@ -110,9 +134,8 @@ def get_checkpoint_url(config_path: str) -> str:
 
 def get_config(config_path: str, trained: bool = False) -> CfgNode:
     """
-    Returns:
-        CfgNode: the shipped config ``config_path`` merged into detectron2's defaults with the
-        RetinaMask keys; with ``trained``, MODEL.WEIGHTS is :func:`get_checkpoint_url`.
+    The shipped config ``config_path`` merged into detectron2's defaults with the RetinaMask
+    keys; with ``trained``, MODEL.WEIGHTS is :func:`get_checkpoint_url`.
     """
     cfg = get_retinamask_cfg(get_config_file(config_path))
     if trained:
@@ -122,16 +145,11 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
 
 def get(config_path: str, trained: bool = False, device: Optional[str] = None):
     """
-    Returns:
-        nn.Module: the model of a shipped config with MODEL.WEIGHTS loaded, on ``device``
-        (default: the config's, or "cpu" without CUDA), in eval mode (unlike
-        ``detectron2.model_zoo.get``: a zoo model is nearly always wanted for inference).
+    The model of a shipped config with MODEL.WEIGHTS loaded, on ``device`` (default: the
+    config's, or "cpu" without CUDA), in eval mode, unlike ``detectron2.model_zoo.get``.
     """
     cfg = get_config(config_path, trained)
-    if device is None and not torch.cuda.is_available():
-        device = "cpu"
-    if device is not None:
-        cfg.MODEL.DEVICE = device
+    cfg.MODEL.DEVICE = device or (cfg.MODEL.DEVICE if torch.cuda.is_available() else "cpu")
     model = build_model(cfg)
     AtomicDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
@@ -144,10 +162,14 @@ def _sha256(f) -> str:
     return digest.hexdigest()
 
 
+def _cached(name: str) -> str:
+    return os.path.join(get_cache_dir(), "retinamask_d2", name)
+
+
 def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) -> str:
     """
-    Returns ``local``, downloading ``url`` there unless it is (and matches ``sha256``, if given)
-    into a temporary file renamed over it once complete and verified. The caller locks ``local``.
+    Returns ``local`` (locked by the caller), downloaded from ``url`` unless it is there (and
+    matches ``sha256``, if given); a download appears there only once complete and verified.
     """
     if os.path.isfile(local) and not force:
         with open(local, "rb") as f:
@@ -179,42 +201,39 @@ def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) 
     return local
 
 
-def _get_served(name: str, force: bool = False) -> str:
-    """The local copy of ``$RETINAMASK_MODEL_ZOO_URL/<name>``, checked if catalogued."""
+def _get_served(name: str, force: bool) -> str:
+    """The local copy of ``$RETINAMASK_MODEL_ZOO_URL/<name>``, checked if registered."""
     base = os.environ.get(MODEL_ZOO_URL_ENV)
     if not base:
         raise InputError(
             f"${MODEL_ZOO_URL_ENV} is not set, so {PREFIX}{name} has no server. Set it to the "
             "http(s) URL that serves your checkpoints, or set MODEL.WEIGHTS to a local file."
         )
-    url = base.rstrip("/") + "/" + name
     sha256 = next((sha for path, sha in CHECKPOINTS.values() if path == name), None)
-    local = os.path.join(get_cache_dir(), "retinamask_d2", name)
     fix = f"Check that ${MODEL_ZOO_URL_ENV} is right and serves {name}."
+    local = _cached(name)
     with file_lock(local):
-        return _fetch(url, local, PREFIX + name, fix, sha256, force)
+        return _fetch(f"{base.rstrip('/')}/{name}", local, PREFIX + name, fix, sha256, force)
 
 
-def _get_original(name: str, force: bool = False) -> str:
+def _get_original(name: str, force: bool) -> str:
     """
-    Returns the local converted checkpoint of ``retinamask://<name>``, downloading the authors'
-    file and converting it on first use (or with ``force``). A lock keeps concurrent processes
-    from doing the work twice, and each file appears only once complete.
+    The converted checkpoint of ``retinamask://<name>``: the authors' file, downloaded and
+    converted on first use (or with ``force``) under a lock, so that processes do it once.
     """
     config_name = name[: -len(".pth")] + ".yaml"
     if config_name not in ORIGINAL_MODELS:
         known = ", ".join(PREFIX + k[: -len(".yaml")] + ".pth" for k in ORIGINAL_MODELS)
         raise RuntimeError(f"{PREFIX}{name} is not one of the authors' models: {known}")
     drive_id = ORIGINAL_MODELS[config_name].drive_id
-    cache_dir = os.path.join(get_cache_dir(), "retinamask_d2")
-    converted = os.path.join(cache_dir, name)
-    downloaded = os.path.join(cache_dir, "original", "downloads", drive_id + ".pth")
+    converted = _cached(name)
     mirror = os.environ.get(ORIGINAL_URL_ENV)
     url = (mirror.rstrip("/") + "/" if mirror else "https://drive.google.com/uc?id=") + drive_id
     fix = f"Check the connection, or set ${ORIGINAL_URL_ENV} to a mirror serving <URL>/{drive_id}."
     with file_lock(converted):
         if os.path.isfile(converted) and not force:
             return converted
+        downloaded = _cached(f"original/downloads/{drive_id}.pth")
         _fetch(url, downloaded, "the authors' checkpoint", fix, force=force)
         try:
             convert_original_file(get_config(config_name), downloaded, converted)
@@ -234,8 +253,6 @@ class RetinaMaskHandler(PathHandler):
     ``retinamask://<path>`` to ``$RETINAMASK_MODEL_ZOO_URL/<path>``, each downloaded once into
     iopath's cache directory (``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``).
     """
-
-    PREFIX = PREFIX
 
     def _get_supported_prefixes(self):
         return [PREFIX]

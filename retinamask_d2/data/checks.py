@@ -114,15 +114,14 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
             f"Dataset {dataset_name!r} has no images (loaded from {source}). Add entries to its "
             f"'images' list, or check that the file is the one you meant to register."
         )
-    for problem, is_bad in (
-        ("missing", lambda path: not os.path.isfile(path)),
-        ("empty", lambda path: os.path.getsize(path) == 0),
-    ):
-        files = [record["file_name"] for record in dicts if is_bad(record["file_name"])]
-        if files:
+    files = [record["file_name"] for record in dicts]
+    missing = [path for path in files if not os.path.isfile(path)]
+    empty = [path for path in files if os.path.isfile(path) and os.path.getsize(path) == 0]
+    for problem, bad in (("missing", missing), ("empty", empty)):
+        if bad:
             raise InputError(
-                f"{len(files)} image file(s) of dataset {dataset_name!r} ({source}) are {problem}: "
-                f"{_listed(files, ', ')}. Check its registered image root, or restore the files."
+                f"{len(bad)} image file(s) of dataset {dataset_name!r} ({source}) are {problem}: "
+                f"{_listed(bad, ', ')}. Check its registered image root, or restore the files."
             )
     try:
         read_image(dicts[0]["file_name"])

@@ -238,10 +238,9 @@ def generate_synthetic_shapes(directory, split, num_images, image_size=128, seed
 
 def ensure_synthetic_dataset(split, root=None, *, num_images=None, image_size=128, seed=0):
     """
-    Generate ``<root>/synthetic_shapes/<split>`` unless its JSON file exists; ``root`` defaults to
-    ``$DETECTRON2_DATASETS`` or ``datasets``, ``num_images`` to
-    :data:`SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES` ``[split]`` (required for other splits than
-    "train" and "val"). Returns ``(json_file, image_root)``.
+    Generate ``<root>/synthetic_shapes/<split>`` (``root``: default ``$DETECTRON2_DATASETS`` or
+    ``datasets``) unless its JSON file exists, with ``num_images`` (default
+    :data:`SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES` ``[split]``). Returns ``(json_file, image_root)``.
     """
     json_file, image_root = _split_files(split, _root(root))
     if not os.path.isfile(json_file):

@@ -281,8 +281,7 @@ def _json_file(dataset_name: str) -> Optional[str]:
         raise InputError(
             f"Dataset {dataset_name!r} is not registered (registered: "
             f"{', '.join(sorted(DatasetCatalog.list()))}). Register it with --register-coco NAME "
-            f"JSON IMAGE_DIR, or import the module that does (retinamask_d2.data for "
-            f"synthetic_shapes)."
+            f"JSON IMAGE_DIR, or import retinamask_d2.data for the synthetic_shapes datasets."
         )
     metadata = MetadataCatalog.get(dataset_name)
     return metadata.get(_UNFILTERED_JSON_KEY, None) or metadata.get("json_file", None)

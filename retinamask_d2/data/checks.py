@@ -1,7 +1,6 @@
 """
-Datasets given as COCO instances files, and the checks run on every dataset before training, so
-that bad input fails at once with a message naming the file and the fix, not in a data-loader
-worker or in the final evaluation.
+COCO instances files as datasets, and the checks run on every dataset before training: bad input
+fails at once, naming the file and the fix, not in a data-loader worker or the final evaluation.
 """
 
 import functools
@@ -20,19 +19,7 @@ from detectron2.structures.masks import polygon_area
 
 from ..config import InputError
 
-__all__ = [
-    "check_datasets",
-    "dataset_num_classes",
-    "drop_invalid_annotations",
-    "find_invalid_annotations",
-    "load_checked_dataset",
-    "register_coco_datasets",
-]
-
 logger = logging.getLogger(__name__)
-
-# How many offending files or annotations a message lists before it only counts the rest.
-_MAX_LISTED = 5
 
 # Metadata key of a dataset re-registered by drop_invalid_annotations: the file it was filtered
 # from. Its "json_file" is unset, so that COCOEvaluator builds the ground truth from the dicts.
@@ -49,8 +36,8 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
     for name, json_file, image_root in specs:
         if names.count(name) > 1:
             raise InputError(
-                f"Dataset name {name!r} is given to --register-coco more than once. Give each "
-                f"dataset its own name."
+                f"Dataset {name!r} is given to --register-coco more than once. Give each dataset "
+                f"its own name."
             )
         if not os.path.isfile(json_file):
             raise InputError(
@@ -70,12 +57,11 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
             try:
                 register_coco_instances(name, {}, json_file, image_root)
                 continue
-            except AssertionError:
-                # Metadata of the name (kept after DatasetCatalog.remove) has another json_file.
+            except AssertionError:  # the metadata, kept after DatasetCatalog.remove, differs
                 DatasetCatalog.remove(name)
         raise InputError(
-            f"Dataset name {name!r} is a built-in dataset name (already registered, with other "
-            f"files or classes). Choose another name for --register-coco, e.g. my_{name}."
+            f"Dataset name {name!r} is a built-in dataset name (registered with other files or "
+            f"classes). Choose another name for --register-coco, e.g. my_{name}."
         )
 
 
@@ -84,12 +70,10 @@ def dataset_num_classes(dataset_name: str) -> int:
     The length of a registered dataset's ``thing_classes``, or of the ``categories`` of its
     COCO file when not set yet (what ``load_coco_json`` would set them to).
     """
-    _require_registered(dataset_name)
-    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
     json_file = _json_file(dataset_name)
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
     if not classes and json_file is not None and os.path.isfile(json_file):
-        # Not loaded: invalid annotations, which --drop-invalid-annotations drops afterwards,
-        # must not fail here.
+        # Not loaded: the invalid annotations that --drop-invalid-annotations drops must not fail.
         classes = _read_json(json_file, dataset_name).get("categories")
     elif not classes:
         _load(dataset_name)
@@ -110,39 +94,34 @@ def check_datasets(dataset_names: Iterable[str], num_classes: int) -> None:
 
 def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
     """
-    ``DatasetCatalog.get(dataset_name)``, checked for: an annotation file that is missing or not
-    valid JSON, no images, missing or empty image files, a first image that does not decode
-    (only the first, to stay fast on large datasets), invalid annotations (see
-    :func:`find_invalid_annotations`), and category ids outside ``[0, num_classes)``; each
-    raises an InputError naming the file (and image and annotation id) and the fix.
+    ``DatasetCatalog.get(dataset_name)``, checked for: a missing or unparsable annotation file,
+    no images, missing or empty image files, a first image that does not decode (only the first,
+    to stay fast), invalid annotations (see :func:`_annotation_problem`) and category ids outside
+    ``[0, num_classes)``. Each raises an InputError naming the file (and annotation) and the fix.
     """
-    _require_registered(dataset_name)
-    metadata = MetadataCatalog.get(dataset_name)
-    json_file, source = metadata.get("json_file", None), _source(dataset_name)
+    source = _json_file(dataset_name) or f"the loader of {dataset_name!r}"
+    json_file = MetadataCatalog.get(dataset_name).get("json_file", None)  # None after a drop
     # load_coco_json silently leaves out polygons of fewer than 3 points, which the evaluation
     # still reads from the file, and fails on a category id not in 'categories' without naming
     # the annotation: only the file shows every annotation.
     has_file = json_file is not None and os.path.isfile(json_file)
     if has_file:
         coco = _read_json(json_file, dataset_name)
-        _raise_if_invalid(dataset_name, find_invalid_annotations(coco))
+        _raise_if_invalid(dataset_name, source, _invalid_annotations(coco))
     dicts = _load(dataset_name)
-    if len(dicts) == 0:
+    if not dicts:
         raise InputError(
             f"Dataset {dataset_name!r} has no images (loaded from {source}). Add entries to its "
             f"'images' list, or check that the file is the one you meant to register."
         )
-
-    for problem, is_bad in (
-        ("missing", lambda path: not os.path.isfile(path)),
-        ("empty", lambda path: os.path.getsize(path) == 0),
-    ):
-        files = [record["file_name"] for record in dicts if is_bad(record["file_name"])]
-        if files:
+    files = [record["file_name"] for record in dicts]
+    missing = [path for path in files if not os.path.isfile(path)]
+    empty = [path for path in files if os.path.isfile(path) and os.path.getsize(path) == 0]
+    for problem, bad in (("missing", missing), ("empty", empty)):
+        if bad:
             raise InputError(
-                f"{len(files)} image file(s) of dataset {dataset_name!r} listed in {source} are "
-                f"{problem}: {_listed(files, ', ')}. Check the image root given when the dataset "
-                f"was registered, or restore the files."
+                f"{len(bad)} image file(s) of dataset {dataset_name!r} ({source}) are {problem}: "
+                f"{_listed(bad, ', ')}. Check its registered image root, or restore the files."
             )
     try:
         read_image(dicts[0]["file_name"])
@@ -151,68 +130,34 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
             f"Image file {dicts[0]['file_name']} of dataset {dataset_name!r} (listed in {source}) "
             f"cannot be decoded: {' '.join(str(e).split())}. Replace it with a valid image file."
         ) from e
+    if not has_file:  # a dataset with its own loader (or dropped annotations): check the dicts
+        _raise_if_invalid(dataset_name, source, _invalid_annotations(dicts=dicts))
 
-    if not has_file:  # a dataset with its own loader: annotations without id named by index
-        invalid = [
-            (record["file_name"], a.get("id", f"#{i}"), problem)
-            for record in dicts
-            for i, a in enumerate(record.get("annotations", []))
-            if (problem := _annotation_problem(a, record)) is not None
-        ]
-        _raise_if_invalid(dataset_name, invalid)
-
-    thing_classes = metadata.get("thing_classes", None)
+    thing_classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
     for record in dicts:
         for annotation in record.get("annotations", []):
             category_id = annotation.get("category_id")
             if not isinstance(category_id, int) or not 0 <= category_id < num_classes:
-                known = f"; the dataset has {len(thing_classes)} classes" if thing_classes else ""
+                known = f"; the dataset has {len(thing_classes)}" if thing_classes else ""
                 raise InputError(
-                    f"Dataset {dataset_name!r} ({source}): an annotation of image "
-                    f"{record['file_name']} has category id {category_id!r} (0-based), outside "
-                    f"[0, {num_classes}) for a model with {num_classes} classes{known}. Set "
-                    f"MODEL.RETINANET.NUM_CLASSES to the number of classes in the dataset, or fix "
-                    f"the annotation."
+                    f"Dataset {dataset_name!r} ({source}): image {record['file_name']} has "
+                    f"category id {category_id!r} (0-based), outside [0, {num_classes}) for a "
+                    f"model of {num_classes} classes{known}. Set MODEL.RETINANET.NUM_CLASSES to "
+                    f"the dataset's, or fix the annotation."
                 )
     return dicts
-
-
-def find_invalid_annotations(coco: Dict) -> List[Tuple[str, object, str]]:
-    """
-    The annotations of a parsed COCO instances file that must not reach training: a polygon of
-    fewer than 3 points, an odd number of coordinates or zero area; a box (XYWH) missing, with
-    width or height <= 0, outside its image or more than a pixel beyond it; a category id not in
-    ``categories``. Annotations of images absent from ``images`` are skipped, as in
-    ``load_coco_json``.
-
-    Returns:
-        list[(file_name, annotation_id, problem)]: in the order of the file's annotations.
-    """
-    images = {image.get("id"): image for image in coco.get("images", [])}
-    category_ids = {category["id"] for category in coco.get("categories", [])}
-    return [
-        (images[a["image_id"]].get("file_name"), a.get("id"), problem)
-        for a in coco.get("annotations", [])
-        if a.get("image_id") in images
-        and (problem := _annotation_problem(a, images[a["image_id"]], category_ids)) is not None
-    ]
 
 
 def drop_invalid_annotations(dataset_names: Iterable[str]) -> Dict[str, int]:
     """
     Re-register each dataset whose COCO instances file has invalid annotations (see
-    :func:`find_invalid_annotations`) to load without them, with the same metadata less
-    "json_file", so that :class:`COCOEvaluator` evaluates against the filtered dicts too.
-    Deterministic and idempotent, so every process of a launch calls it.
-
-    Returns:
-        dict: dataset name -> number of annotations dropped.
+    :func:`_annotation_problem`) to load without them, with the same metadata less "json_file",
+    so that :class:`COCOEvaluator` evaluates against the filtered dicts too. Deterministic and
+    idempotent, so every process of a launch calls it. Returns {name: annotations dropped}.
     """
     counts = {}
     for name in dataset_names:
-        _require_registered(name)
-        metadata = MetadataCatalog.get(name)
-        json_file = _json_file(name)
+        json_file, metadata = _json_file(name), MetadataCatalog.get(name)
         if json_file is None or metadata.get("image_root", None) is None:
             raise InputError(
                 f"Dataset {name!r} is not loaded from a COCO instances file, so "
@@ -220,8 +165,8 @@ def drop_invalid_annotations(dataset_names: Iterable[str]) -> Dict[str, int]:
             )
         if not os.path.isfile(json_file):
             _load(name)  # raises the error that names the missing file
-        coco = _read_json(json_file, name)
-        invalid_ids = frozenset(a for _, a, _ in find_invalid_annotations(coco))
+        invalid = _invalid_annotations(_read_json(json_file, name))
+        invalid_ids = frozenset(annotation_id for _, annotation_id, _ in invalid)
         counts[name] = len(invalid_ids)
         logger.info(f"Dropped {len(invalid_ids)} invalid annotation(s) of {name} ({json_file}).")
         if not invalid_ids:
@@ -248,10 +193,40 @@ def _load_coco_json_without(json_file, image_root, dataset_name, annotation_ids)
         return load_coco_json(filtered, image_root, dataset_name)
 
 
+def _invalid_annotations(coco=None, dicts=()) -> List[Tuple[str, object, str]]:
+    """
+    ``[(file_name, annotation id, problem)]``, in order, of the invalid annotations of a parsed
+    COCO instances file (those of images not in 'images' skipped, as by ``load_coco_json``), or
+    else of dataset dicts, where an annotation without id is named by its index, ``#i``.
+    """
+    category_ids = None
+    if coco is not None:
+        images = {image.get("id"): image for image in coco.get("images", [])}
+        category_ids = {category["id"] for category in coco.get("categories", [])}
+        annotations = [
+            (images[a["image_id"]], a.get("id"), a)
+            for a in coco.get("annotations", [])
+            if a.get("image_id") in images
+        ]
+    else:
+        annotations = [
+            (record, a.get("id", f"#{i}"), a)
+            for record in dicts
+            for i, a in enumerate(record.get("annotations", []))
+        ]
+    return [
+        (image.get("file_name"), annotation_id, problem)
+        for image, annotation_id, a in annotations
+        if (problem := _annotation_problem(a, image, category_ids)) is not None
+    ]
+
+
 def _annotation_problem(annotation, image, category_ids=None) -> Optional[str]:
     """
-    What is wrong with an annotation (of a COCO file, or of dataset dicts with "bbox_mode") in
-    an image (dict with "width" and "height"); category ids are checked against ``category_ids``.
+    What is wrong with an annotation (of a COCO file, or dataset dicts with "bbox_mode") of an
+    image (dict with "width" and "height"), if anything: a polygon of fewer than 3 points, an odd
+    number of coordinates or zero area; a box missing, with width or height <= 0, outside the
+    image or more than a pixel beyond it; a category id not in ``category_ids`` (if given).
     """
     segmentation = annotation.get("segmentation")
     if isinstance(segmentation, list):
@@ -284,38 +259,32 @@ def _annotation_problem(annotation, image, category_ids=None) -> Optional[str]:
     return None
 
 
-def _raise_if_invalid(dataset_name, invalid) -> None:
+def _raise_if_invalid(dataset_name, source, invalid) -> None:
     if invalid:
         listed = [f"image {file} annotation {id}: {problem}" for file, id, problem in invalid]
         raise InputError(
-            f"Dataset {dataset_name!r} ({_source(dataset_name)}) has {len(invalid)} invalid "
-            f"annotation(s): {_listed(listed, '; ')}. Fix the annotations, or rerun with "
-            f"--drop-invalid-annotations to leave them out of training and evaluation."
+            f"Dataset {dataset_name!r} ({source}) has {len(invalid)} invalid annotation(s): "
+            f"{_listed(listed, '; ')}. Fix them, or pass --drop-invalid-annotations to leave "
+            f"them out of training and evaluation."
         )
 
 
 def _listed(items: List[str], separator: str) -> str:
-    more = f"{separator}and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return separator.join(items[:_MAX_LISTED]) + more
-
-
-def _require_registered(dataset_name: str) -> None:
-    if dataset_name not in DatasetCatalog.list():
-        raise InputError(
-            f"Dataset {dataset_name!r} is not registered. Registered datasets: "
-            f"{', '.join(sorted(DatasetCatalog.list()))}. Register it (e.g. with "
-            f"--register-coco NAME JSON IMAGE_DIR), or import the module that does "
-            f"(retinamask_d2.data for the synthetic_shapes datasets)."
-        )
+    """The first 5 items, then how many more."""
+    more = f"{separator}and {len(items) - 5} more" if len(items) > 5 else ""
+    return separator.join(items[:5]) + more
 
 
 def _json_file(dataset_name: str) -> Optional[str]:
+    """The annotation file of a registered dataset (before a drop), or None; InputError if none."""
+    if dataset_name not in DatasetCatalog.list():
+        raise InputError(
+            f"Dataset {dataset_name!r} is not registered (registered: "
+            f"{', '.join(sorted(DatasetCatalog.list()))}). Register it with --register-coco NAME "
+            f"JSON IMAGE_DIR, or import retinamask_d2.data for the synthetic_shapes datasets."
+        )
     metadata = MetadataCatalog.get(dataset_name)
     return metadata.get(_UNFILTERED_JSON_KEY, None) or metadata.get("json_file", None)
-
-
-def _source(dataset_name: str) -> str:
-    return _json_file(dataset_name) or f"the loader of {dataset_name!r}"
 
 
 def _read_json(json_file: str, dataset_name: str) -> Dict:
@@ -331,7 +300,8 @@ def _read_json(json_file: str, dataset_name: str) -> Dict:
 
 def _load(dataset_name: str) -> List[Dict]:
     """``DatasetCatalog.get``, with the errors of a bad annotation file as InputError."""
-    json_file, source = _json_file(dataset_name), _source(dataset_name)
+    json_file = _json_file(dataset_name)
+    source = json_file or f"the loader of {dataset_name!r}"
     try:
         return DatasetCatalog.get(dataset_name)
     except FileNotFoundError as e:
@@ -348,11 +318,10 @@ def _load(dataset_name: str) -> List[Dict]:
             # it is removed from DatasetCatalog and registered again with another file.
             raise InputError(
                 f"Dataset {dataset_name!r} already has other classes in its metadata (it is a "
-                f"built-in dataset name), which differ from the categories of {source}. "
-                f"Register the file under a new name (--register-coco NAME JSON IMAGE_DIR)."
+                f"built-in dataset name) than {source}. Register the file under a new name "
+                f"(--register-coco NAME JSON IMAGE_DIR)."
             ) from None
         raise InputError(
             f"Annotation file {source} of dataset {dataset_name!r} is not a valid COCO instances "
-            f"file: {' '.join(str(e).split())}. Fix its 'categories', 'images' and "
-            f"'annotations' entries."
+            f"file: {' '.join(str(e).split())}. Fix its 'categories', 'images' and 'annotations'."
         ) from e

@@ -1,19 +1,14 @@
 """
 "synthetic_shapes": a small instance-segmentation dataset drawn from a seed, on which RetinaMask
-trains from scratch and is evaluated on a CPU in minutes.
-
-Each 128x128 image shows ellipses, rectangles, triangles, stars and thin bars (8:1 to 20:1,
-axis-aligned or at any angle) of very different sizes on a textured, noisy background. Later
-shapes are drawn over earlier ones, and each annotation is the *visible* part of its object, as
-a COCO RLE mask with the box and area of that mask. Thin bars are the case of RetinaMask's
-best-matching anchor assignment (Sec. 3.1): an anchor of aspect 1:2 to 2:1 overlaps an 8:1 box
-with IoU of at most about 1/3, below RetinaNet's foreground threshold of 0.5.
+trains from scratch and is evaluated on a CPU in minutes. Each 128x128 image shows ellipses,
+rectangles, triangles, stars and thin bars (8:1 to 20:1) of very different sizes on a textured,
+noisy background; each annotation is the *visible* part of its object, as a COCO RLE mask. Thin
+bars are the case of best-matching anchor assignment (Sec. 3.1): an anchor of aspect 1:2 to 2:1
+overlaps an 8:1 box with IoU of at most about 1/3, below RetinaNet's foreground threshold of 0.5.
 
 A split is ``<root>/synthetic_shapes/<split>/{instances.json,images/000000.png,...}``, with
-``<root>`` = ``$DETECTRON2_DATASETS`` (default ``datasets``) as for detectron2's builtin datasets.
-It is generated once, before training (``python tools/prepare_synthetic.py``, or
-:func:`prepare_synthetic_datasets` in the launching process); importing :mod:`retinamask_d2.data`
-only registers ``synthetic_shapes_train`` and ``synthetic_shapes_val``.
+``<root>`` = ``$DETECTRON2_DATASETS`` (default ``datasets``), generated once before training
+(``python tools/prepare_synthetic.py`` or :func:`prepare_synthetic_datasets`).
 """
 
 import functools
@@ -27,6 +22,7 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.structures.masks import polygon_area
 from pycocotools import mask as mask_util
 
 from ..config import InputError
@@ -38,19 +34,18 @@ SYNTHETIC_SHAPES_CLASSES = ("ellipse", "rectangle", "triangle", "star", "bar")
 SYNTHETIC_SHAPES_NUM_CLASSES = len(SYNTHETIC_SHAPES_CLASSES)
 SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES = {"train": 300, "val": 50}
 _PREFIX = "synthetic_shapes_"
-
-# An occluded or truncated object keeps at least this fraction of its area, and 12 pixels,
-# visible: unrecognizable fragments make poor ground truth. Bars keep more, to stay long.
-_MIN_VISIBLE_FRACTION = {"bar": 0.6}
-_MIN_VISIBLE_FRACTION_DEFAULT = 0.35
-_MIN_VISIBLE_PIXELS = 12
 # Aspect of a bar: drawn up to 20:1, and at least 8:1 as annotated, after truncation/occlusion.
 _BAR_ASPECT_RANGE = (8.0, 20.0)
 
 
-def _split_dir(split, root=None):
-    root = root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
-    return os.path.join(os.path.expanduser(root), "synthetic_shapes", split)
+def _root(root=None):
+    return root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
+
+
+def _split_files(split, root):
+    """``(json_file, image_root)`` of a split under ``root``."""
+    directory = os.path.join(os.path.expanduser(root), "synthetic_shapes", split)
+    return os.path.join(directory, "instances.json"), os.path.join(directory, "images")
 
 
 def _sample_shape(rng, category, image_size):
@@ -62,34 +57,33 @@ def _sample_shape(rng, category, image_size):
     if category == "bar":
         # A bar's length is drawn on its own: long and thin whatever its area; >= 2 px thick
         # keeps it a solid band after rasterization.
-        low, high = np.log(max(20.0, 0.2 * image_size)), np.log(0.9 * image_size)
-        length = np.exp(rng.uniform(low, high))
-        thickness = max(2.0, length / rng.uniform(*_BAR_ASPECT_RANGE))
-        vertices = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [length / 2, thickness / 2]
+        length = np.exp(rng.uniform(np.log(max(20.0, 0.2 * image_size)), np.log(0.9 * image_size)))
+        w, h = length, max(2.0, length / rng.uniform(*_BAR_ASPECT_RANGE))
     else:
         size = np.exp(rng.uniform(np.log(0.07 * image_size), np.log(0.9 * image_size)))
-        if category == "ellipse":
-            ratio = rng.uniform(1.0, 2.2)
-            b = size / np.sqrt(np.pi * ratio)
-            t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-            vertices = np.stack([ratio * b * np.cos(t), b * np.sin(t)], axis=1)
-        elif category == "rectangle":
-            # Aspect at most 3, well apart from the bars, so that the classes stay separable.
-            ratio = rng.uniform(1.0, 3.0)
-            w, h = size * np.sqrt(ratio), size / np.sqrt(ratio)
-            vertices = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
-        else:
-            if category == "triangle":
-                # Jittered corners of an equilateral triangle of area size**2: no slivers.
-                angles = np.array([0.0, 2, 4]) * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
-                radii = size / 1.14 * rng.uniform(0.85, 1.15, 3)
-            else:  # star
-                points = int(rng.integers(5, 8))
-                inner = rng.uniform(0.4, 0.6)
-                outer = size / np.sqrt(points * inner * np.sin(np.pi / points))
-                angles = np.arange(2 * points) * np.pi / points
-                radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner * outer)
-            vertices = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    if category == "ellipse":
+        ratio = rng.uniform(1.0, 2.2)
+        b = size / np.sqrt(np.pi * ratio)
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        vertices = np.stack([ratio * b * np.cos(t), b * np.sin(t)], axis=1)
+    elif category == "rectangle":
+        # Aspect at most 3, well apart from the bars, so that the classes stay separable.
+        ratio = rng.uniform(1.0, 3.0)
+        w, h = size * np.sqrt(ratio), size / np.sqrt(ratio)
+    elif category == "triangle":
+        # Jittered corners of an equilateral triangle of area size**2: no slivers.
+        angles = np.array([0.0, 2, 4]) * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
+        radii = size / 1.14 * rng.uniform(0.85, 1.15, 3)
+    elif category == "star":
+        points = int(rng.integers(5, 8))
+        inner = rng.uniform(0.4, 0.6)
+        outer = size / np.sqrt(points * inner * np.sin(np.pi / points))
+        angles = np.arange(2 * points) * np.pi / points
+        radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner * outer)
+    if category in ("bar", "rectangle"):
+        vertices = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [w / 2, h / 2]
+    elif category != "ellipse":
+        vertices = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
     if category in ("bar", "rectangle") and rng.random() < 0.5:
         angle = float(rng.integers(0, 2)) * np.pi / 2  # axis-aligned, the easy case for anchors
     else:
@@ -117,9 +111,10 @@ def _elongation(mask):
 
 
 def _visible_enough(visible, full_area, category):
+    # An occluded or truncated object keeps 35% of its area (bars 60%, to stay long) and 12
+    # pixels visible, at least: unrecognizable fragments make poor ground truth.
     area = int(visible.sum())
-    fraction = _MIN_VISIBLE_FRACTION.get(category, _MIN_VISIBLE_FRACTION_DEFAULT)
-    if area < _MIN_VISIBLE_PIXELS or area < fraction * full_area:
+    if area < 12 or area < (0.6 if category == "bar" else 0.35) * full_area:
         return False
     return category != "bar" or _elongation(visible) >= _BAR_ASPECT_RANGE[0]
 
@@ -151,9 +146,7 @@ def _generate_image(rng, image_size):
         for _attempt in range(10):
             vertices = _sample_shape(rng, category, image_size)
             mask = _rasterize(vertices, image_size)
-            x, y = vertices[:, 0], vertices[:, 1]
-            polygon_area = 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
-            full_area = max(polygon_area, float(mask.sum()))
+            full_area = max(polygon_area(vertices[:, 0], vertices[:, 1]), float(mask.sum()))
             if not _visible_enough(mask, full_area, category):
                 continue
             candidate = labels.copy()
@@ -172,11 +165,10 @@ def _generate_image(rng, image_size):
         labels = candidate
         # A color far enough (70) from the background and the objects it overlaps to be seen.
         avoid = [base_color] + [colors[j - 1] for j in covered]
-        color = rng.uniform(0, 255, 3)
-        for _ in range(20):
+        for _ in range(21):
+            color = rng.uniform(0, 255, 3)
             if all(np.linalg.norm(color - other) >= 70 for other in avoid):
                 break
-            color = rng.uniform(0, 255, 3)
         colors.append(color)
         categories.append(category)
         full_areas.append(full_area)
@@ -201,10 +193,8 @@ def generate_synthetic_shapes(directory, split, num_images, image_size=128, seed
     ``directory/images/*.png``. Image ``i`` depends only on ``(seed, split, i, image_size)``, and
     the same arguments give byte-identical files. The split is written to
     ``<directory>.incomplete`` and renamed into place when complete, so an interrupted run never
-    leaves a directory that looks finished; ``directory`` must not exist yet.
-
-    Returns:
-        str: path of the JSON file.
+    leaves a directory that looks finished; ``directory`` must not exist yet. Returns the path
+    of the JSON file.
     """
     if num_images < 1 or image_size < 64 or seed < 0:
         raise InputError(
@@ -223,8 +213,8 @@ def generate_synthetic_shapes(directory, split, num_images, image_size=128, seed
         rng = np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
         image, instances = _generate_image(rng, image_size)
         file_name = f"{index:06d}.png"
-        if not cv2.imwrite(os.path.join(staging, "images", file_name), image):
-            raise OSError(f"Could not write {os.path.join(staging, 'images', file_name)}.")
+        if not cv2.imwrite(path := os.path.join(staging, "images", file_name), image):
+            raise OSError(f"Could not write {path}.")
         images.append(dict(id=index + 1, file_name=file_name, width=image_size, height=image_size))
         for category, visible in instances:
             rle = mask_util.encode(np.asfortranarray(visible, dtype=np.uint8))
@@ -248,18 +238,11 @@ def generate_synthetic_shapes(directory, split, num_images, image_size=128, seed
 
 def ensure_synthetic_dataset(split, root=None, *, num_images=None, image_size=128, seed=0):
     """
-    Generate ``<root>/synthetic_shapes/<split>`` unless its JSON file exists.
-
-    Args:
-        split: "train" or "val", or any name when ``num_images`` is given.
-        root: datasets root; ``$DETECTRON2_DATASETS`` (default ``datasets``) when None.
-        num_images: default :data:`SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES` ``[split]``.
-
-    Returns:
-        (json_file, image_root)
+    Generate ``<root>/synthetic_shapes/<split>`` (``root``: default ``$DETECTRON2_DATASETS`` or
+    ``datasets``) unless its JSON file exists, with ``num_images`` (default
+    :data:`SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES` ``[split]``). Returns ``(json_file, image_root)``.
     """
-    directory = _split_dir(split, root)
-    json_file = os.path.join(directory, "instances.json")
+    json_file, image_root = _split_files(split, _root(root))
     if not os.path.isfile(json_file):
         if num_images is None and split not in SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES:
             raise InputError(
@@ -267,8 +250,8 @@ def ensure_synthetic_dataset(split, root=None, *, num_images=None, image_size=12
                 f"{', '.join(_PREFIX + s for s in SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES)}."
             )
         num_images = num_images or SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES[split]
-        generate_synthetic_shapes(directory, split, num_images, image_size, seed)
-    return json_file, os.path.join(directory, "images")
+        generate_synthetic_shapes(os.path.dirname(json_file), split, num_images, image_size, seed)
+    return json_file, image_root
 
 
 def prepare_synthetic_datasets(dataset_names, root=None):
@@ -282,13 +265,14 @@ def prepare_synthetic_datasets(dataset_names, root=None):
             ensure_synthetic_dataset(name[len(_PREFIX) :], root)
 
 
-def _load(json_file, image_root, name, root):
+def _load(split, root):
+    json_file, image_root = _split_files(split, root)
     if not os.path.isfile(json_file):
         raise InputError(
-            f"Dataset {name!r} has no file {json_file}. Generate it first: "
+            f"Dataset {_PREFIX + split!r} has no file {json_file}. Generate it first: "
             f"`python tools/prepare_synthetic.py --root {root}`."
         )
-    return load_coco_json(json_file, image_root, name)
+    return load_coco_json(json_file, image_root, _PREFIX + split)
 
 
 def register_synthetic_shapes(root=None):
@@ -297,17 +281,14 @@ def register_synthetic_shapes(root=None):
     ``$DETECTRON2_DATASETS`` at call time, or ``datasets``), replacing an earlier registration.
     Nothing is generated; loading a split whose files are missing raises :class:`InputError`.
     """
-    root = root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
+    root = _root(root)
     for split in SYNTHETIC_SHAPES_DEFAULT_NUM_IMAGES:
-        name, directory = _PREFIX + split, _split_dir(split, root)
-        json_file = os.path.join(directory, "instances.json")
-        image_root = os.path.join(directory, "images")
+        name, (json_file, image_root) = _PREFIX + split, _split_files(split, root)
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)  # it refuses to change json_file in place
-        # register_coco_instances with a loader that says how to fix a missing file; the same
-        # metadata, which COCOEvaluator reads.
-        DatasetCatalog.register(name, functools.partial(_load, json_file, image_root, name, root))
+        # register_coco_instances, with a loader that says how to fix a missing file.
+        DatasetCatalog.register(name, functools.partial(_load, split, root))
         MetadataCatalog.get(name).set(
             json_file=json_file, image_root=image_root, evaluator_type="coco",
             thing_classes=list(SYNTHETIC_SHAPES_CLASSES),

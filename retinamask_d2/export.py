@@ -13,8 +13,7 @@ import timeit
 
 import torch
 
-from detectron2.data import build_detection_test_loader, detection_utils
-from detectron2.data import transforms as T
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 
@@ -147,10 +146,8 @@ def _median_time(fn, x, repeats=5):
 
 
 def sample_image(cfg, path=""):
-    """A test input (3, H, W), resized as DefaultPredictor and the test loader do."""
-    if not path:
-        batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
-        return batch[0]["image"].float()
-    original = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
-    image, _ = T.apply_augmentations(detection_utils.build_augmentation(cfg, False), original)
-    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+    """A test input (3, H, W): ``path``, else the first test image, as the test loader maps it."""
+    if path:
+        return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"].float()
+    batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
+    return batch[0]["image"].float()

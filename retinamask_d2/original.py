@@ -218,10 +218,10 @@ def _check_cell_anchors(state_dict, anchor_generator, perm: List[int]) -> None:
     # The reference saves its cell anchors (inclusive x2, y2, for the cell at (0, 0)); they
     # must be the config's anchors, or every converted box would be decoded from a wrong one.
     saved = {int(m.group(1)): v for k, v in state_dict.items() if (m := _CELL_ANCHORS.match(k))}
-    gen = anchor_generator
-    ours = [c + gen.offset * stride for c, stride in zip(gen.cell_anchors, gen.strides)]
     if not saved:
         return
+    gen = anchor_generator
+    ours = [c + gen.offset * stride for c, stride in zip(gen.cell_anchors, gen.strides)]
     if sorted(saved) != list(range(len(ours))) or any(
         saved[level].shape != cell.shape for level, cell in enumerate(ours)
     ):

@@ -28,10 +28,10 @@ def _foreground_residuals(pred_deltas, gt_deltas, fg_mask):
 
 class DeferredScalars:
     """
-    Puts scalars computed on the device into the event storage one training step late, so that
-    logging never waits for the device: :meth:`put` starts copying the values to the host, and
-    the next :meth:`put` waits only for that copy (a CUDA event recorded a step earlier), not for
-    the step in flight. Nothing is logged outside an :class:`EventStorage`.
+    Puts device scalars into the event storage one training step late, so that logging never
+    waits for the device: :meth:`put` starts their copy to the host, and the next :meth:`put`
+    waits only for that copy (a CUDA event), not for the step in flight. Nothing is logged
+    outside an :class:`EventStorage`.
     """
 
     _pending = None  # (names, host copy, CUDA event or None, iteration) of the last put
@@ -51,10 +51,9 @@ class DeferredScalars:
                 event.synchronize()
             storage.put_scalars(cur_iter=it, **dict(zip(pending_names, host.tolist())))
         host = values.detach().to("cpu", non_blocking=True, copy=True)
-        event = None
-        if values.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
+        event = torch.cuda.Event() if values.is_cuda else None
+        if event is not None:
+            event.record()  # after the copy was queued
         self._pending = (names, host, event, storage.iter + iter_offset)
 
 
@@ -75,12 +74,8 @@ class SmoothL1Loss(nn.Module):
 
     def forward(self, pred_deltas, gt_deltas, fg_mask):
         """
-        Args:
-            pred_deltas, gt_deltas (Tensor): (..., 4) predicted and target box deltas.
-            fg_mask (Tensor[bool]): (...), which elements are foreground.
-
-        Returns:
-            Tensor: scalar, the loss summed over the foreground elements.
+        Returns the loss (a scalar) summed over the foreground elements of ``pred_deltas`` and
+        ``gt_deltas``, (..., 4) box deltas, where ``fg_mask`` (...) is true.
         """
         x = _foreground_residuals(pred_deltas, gt_deltas, fg_mask)
         return smooth_l1_loss(x, torch.zeros_like(x), self.beta, reduction="sum")
@@ -89,35 +84,24 @@ class SmoothL1Loss(nn.Module):
 @BOX_REG_LOSS_REGISTRY.register()
 class SelfAdjustingSmoothL1Loss(nn.Module):
     """
-    Self-adjusting smooth L1 loss of RetinaMask (Sec. 3.2, Eq. 2).
-
-    For each regression coordinate separately (the variant Sec. 4.1 found best), the running
-    mean ``mu_R`` and variance ``sigma_R^2`` of ``|pred - target|`` over the foreground
-    elements of each training batch are kept with momentum ``m``::
+    Self-adjusting smooth L1 loss of RetinaMask (Sec. 3.2, Eq. 2). Per regression coordinate
+    (the variant Sec. 4.1 found best), the mean ``mu_R`` and population variance ``sigma_R^2`` of
+    ``|pred - target|`` over each batch's foreground elements are kept with momentum ``m``::
 
         mu_R = m * mu_R + (1 - m) * mu_B,   sigma_R^2 = m * sigma_R^2 + (1 - m) * sigma_B^2
 
-    where ``sigma_B^2`` is the population variance of the batch, and the control point is
-    ``beta = clamp(mu_R - sigma_R^2, min_beta, beta_max)``. The statistics start at
-    ``mu_R = beta_max`` and ``sigma_R^2 = 0``, as in the reference implementation. The lower
-    bound is ``min_beta`` rather than Eq. 2's 0 because the quadratic branch divides by beta.
+    and ``beta = clamp(mu_R - sigma_R^2, min_beta, beta_max)``, from ``mu_R = beta_max`` and
+    ``sigma_R^2 = 0`` as in the reference. ``min_beta``, not Eq. 2's 0: the quadratic branch
+    divides by beta.
 
-    The statistics are checkpointed buffers, updated in training mode only from the whole batch
-    across all processes (so every replica uses the same beta), and unchanged by a batch without
-    foreground. The beta each training iteration starts with, and the statistics it comes from,
-    are logged as ``box_reg_{beta,mean,var}/{dx,dy,dw,dh}`` (the curves of the paper's Fig. 3,
-    drawn by ``tools/plot_beta.py``).
+    The statistics are checkpointed buffers, updated in training only, from the whole batch of
+    all processes (every replica uses the same beta); a batch without foreground leaves them.
+    Each iteration's starting beta and statistics are logged as
+    ``box_reg_{beta,mean,var}/{dx,dy,dw,dh}`` (the paper's Fig. 3, ``tools/plot_beta.py``).
     """
 
     @configurable
-    def __init__(
-        self,
-        *,
-        beta_max: float = 0.11,
-        momentum: float = 0.9,
-        min_beta: float = 1e-3,
-        num_coords: int = 4,
-    ):
+    def __init__(self, *, beta_max=0.11, momentum=0.9, min_beta=1e-3, num_coords=4):
         """
         Args:
             beta_max (float): the clamp bound beta-hat of Eq. 2 (0.11 in the paper).
@@ -140,10 +124,8 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        return {
-            "beta_max": cfg.MODEL.RETINAMASK.BOX_REG_LOSS.BETA,
-            "momentum": cfg.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM,
-        }
+        loss_cfg = cfg.MODEL.RETINAMASK.BOX_REG_LOSS
+        return {"beta_max": loss_cfg.BETA, "momentum": loss_cfg.MOMENTUM}
 
     @property
     def beta(self) -> torch.Tensor:
@@ -151,9 +133,7 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         return (self.running_mean - self.running_var).clamp(self.min_beta, self.beta_max)
 
     def forward(self, pred_deltas, gt_deltas, fg_mask):
-        """
-        As :meth:`SmoothL1Loss.forward`, with ``num_coords`` deltas per element.
-        """
+        """As :meth:`SmoothL1Loss.forward`, with ``num_coords`` deltas per element."""
         x = _foreground_residuals(pred_deltas, gt_deltas, fg_mask).abs()
         if self.training:
             self._update_statistics(x.detach().float(), fg_mask)

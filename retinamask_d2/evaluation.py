@@ -8,7 +8,6 @@ import json
 import os
 
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
-from detectron2.structures import Instances
 
 __all__ = ["TopDetectionsCOCOEvaluator", "build_coco_evaluator", "read_metrics_json"]
 
@@ -18,9 +17,9 @@ class TopDetectionsCOCOEvaluator(COCOEvaluator):
     A :class:`COCOEvaluator` of the first ``num_detections`` detections of each image (the
     model sorts them by score); masks are not encoded when ``tasks`` has no "segm".
 
-    RetinaMask returns all-zero masks below its top ``NUM_MASKS_TEST``, which COCO mask AP
-    counts as false positives (an RLE of area 0 has IoU 0 with any ground truth), lowering mask
-    AP. Evaluating segm on the top detections only leaves them out.
+    RetinaMask's all-zero masks below its top ``NUM_MASKS_TEST`` would count as false positives
+    in COCO mask AP (an RLE of area 0 has IoU 0 with any ground truth): evaluating segm on the
+    top detections only leaves them out.
     """
 
     def __init__(self, dataset_name, tasks, num_detections: int = 0, **kwargs):
@@ -31,18 +30,15 @@ class TopDetectionsCOCOEvaluator(COCOEvaluator):
             num_detections (int): detections kept per image; <= 0 keeps all.
         """
         super().__init__(dataset_name, tasks=tasks, **kwargs)
-        self._num_detections = num_detections
-        self._keep_masks = "segm" in tasks
+        self._num_detections = num_detections if num_detections > 0 else None
 
     def process(self, inputs, outputs):
         kept = []
         for output in outputs:
-            instances = output["instances"]
-            if self._num_detections > 0:
-                instances = instances[: self._num_detections]
-            if not self._keep_masks and instances.has("pred_masks"):
-                # A copy: the mask evaluator of build_coco_evaluator reads the same output.
-                instances = Instances(instances.image_size, **instances.get_fields())
+            # A slice is a new Instances: the other evaluator of build_coco_evaluator reads the
+            # same output.
+            instances = output["instances"][: self._num_detections]
+            if "segm" not in self._tasks and instances.has("pred_masks"):
                 instances.remove("pred_masks")
             kept.append(dict(output, instances=instances))
         super().process(inputs, kept)
@@ -51,11 +47,8 @@ class TopDetectionsCOCOEvaluator(COCOEvaluator):
 def build_coco_evaluator(cfg, dataset_name, output_folder):
     """
     The evaluator of ``train_net.py``: box AP on every detection, and with ``MODEL.MASK_ON``
-    mask AP on the top ``NUM_MASKS_TEST`` of each image, with its predictions written to
-    ``output_folder/segm``.
-
-    Returns:
-        DatasetEvaluator: results ``{"bbox": ..., "segm": ...}`` as :class:`COCOEvaluator`'s.
+    mask AP on the top ``NUM_MASKS_TEST`` of each image, its predictions written to
+    ``output_folder/segm``. Results are ``{"bbox": ..., "segm": ...}`` as COCOEvaluator's.
     """
     boxes = TopDetectionsCOCOEvaluator(dataset_name, ("bbox",), output_dir=output_folder)
     if not cfg.MODEL.MASK_ON:
@@ -71,13 +64,9 @@ def build_coco_evaluator(cfg, dataset_name, output_folder):
 
 def read_metrics_json(path):
     """
-    The records of the ``metrics.json`` that detectron2's ``JSONWriter`` writes into OUTPUT_DIR,
-    one dict a line, in file order: training statistics every 20 iterations and, after an
-    evaluation, its flattened results ("bbox/AP", "segm/AP-bar", ...). A line cut short by an
-    interrupted run is skipped.
-
-    Returns:
-        list[dict]
+    The records (list[dict]), in file order, of the ``metrics.json`` that detectron2's
+    ``JSONWriter`` writes into OUTPUT_DIR: training statistics every 20 iterations and flattened
+    evaluation results ("bbox/AP", "segm/AP-bar", ...). A line cut short is skipped.
     """
     records = []
     with open(path) as f:

@@ -1,13 +1,8 @@
 """
-Export a trained RetinaMask for deployment (the functions of tools/export_model.py): a checkpoint
-and config for detectron2's stock RetinaNet, or a TorchScript or ONNX graph traced with
-:class:`detectron2.export.TracingAdapter`.
-
-A graph's input is one image tensor (3, H, W) in the config's INPUT.FORMAT, already resized as
-:class:`DefaultPredictor` does; its outputs, listed in ``DIR/outputs.json``, are the fields of the
-detections before scaling to the original image size, masks as 28x28 RoI probabilities (as
-detectron2's Mask R-CNN export leaves pasting to ``detector_postprocess``). Each graph is run once
-on a sample image and must match the eager model within :data:`GRAPH_TOLERANCE`.
+The functions of tools/export_model.py, whose docstring describes the exported files. Graphs are
+traced with :class:`detectron2.export.TracingAdapter` and stop before ``detector_postprocess``
+(as detectron2's Mask R-CNN export); each must match the eager model within
+:data:`GRAPH_TOLERANCE` on a sample image.
 """
 
 import json
@@ -18,8 +13,7 @@ import timeit
 
 import torch
 
-from detectron2.data import build_detection_test_loader, detection_utils
-from detectron2.data import transforms as T
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 
@@ -59,9 +53,8 @@ def export_box_only(cfg, output_dir):
     """
     if cfg.MODEL.META_ARCHITECTURE != "RetinaMask":
         raise InputError(
-            f"--format box-only converts a RetinaMask config, got MODEL.META_ARCHITECTURE="
-            f"{cfg.MODEL.META_ARCHITECTURE!r}. Pass a config of RetinaMask, e.g. "
-            "configs/retinamask_R50.yaml."
+            f"--format box-only converts a RetinaMask config, not MODEL.META_ARCHITECTURE "
+            f"{cfg.MODEL.META_ARCHITECTURE!r}: pass one such as configs/retinamask_R50.yaml."
         )
     os.makedirs(output_dir, exist_ok=True)
     state = _load_model(cfg).state_dict()
@@ -72,9 +65,7 @@ def export_box_only(cfg, output_dir):
     box_cfg = cfg.clone()
     box_cfg.defrost()
     box_cfg.MODEL.pop("RETINAMASK")  # keys plain detectron2 does not know
-    box_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-    box_cfg.MODEL.MASK_ON = False
-    box_cfg.MODEL.WEIGHTS = weights
+    box_cfg.MODEL.update(META_ARCHITECTURE="RetinaNet", MASK_ON=False, WEIGHTS=weights)
     config = os.path.join(output_dir, "config.yaml")
     with open(config, "w") as f:
         f.write(box_cfg.dump())
@@ -92,11 +83,11 @@ def _inference_before_postprocess(model, inputs):
     return [{"instances": r} for r in results]
 
 
+@torch.no_grad()
 def export_graph(cfg, output_dir, image, fmt):
     """
-    Trace the model of ``cfg`` on ``image`` (3, H, W) into ``output_dir/model.ts``
-    (TorchScript) or ``output_dir/model.onnx`` (ONNX, run with onnxruntime), check it against
-    the eager model on ``image`` and time both.
+    Trace the model of ``cfg`` on ``image`` (3, H, W) into ``output_dir/model.ts`` or
+    ``model.onnx`` (run with onnxruntime), check it against the eager model and time both.
 
     Returns:
         dict: the path, output names, largest difference per output and median latencies.
@@ -108,32 +99,28 @@ def export_graph(cfg, output_dir, image, fmt):
     # eval(): the ONNX exporter restores the wrapper's mode afterwards, and a new module is in
     # training mode, which would switch the wrapped model to training.
     adapter = TracingAdapter(model, [{"image": image}], _inference_before_postprocess).eval()
-    with torch.no_grad():
-        instances = _inference_before_postprocess(model, [{"image": image}])[0]["instances"]
-        # TracingAdapter flattens an Instances into its fields sorted by name, then its size.
-        names = sorted(instances.get_fields()) + ["image_size"]
-        if fmt == "torchscript":
-            path = os.path.join(output_dir, "model.ts")
-            torch.jit.trace(adapter, (image,), check_trace=False).save(path)
-            run = torch.jit.load(path)
-        else:
-            import onnxruntime
+    instances = _inference_before_postprocess(model, [{"image": image}])[0]["instances"]
+    # TracingAdapter flattens an Instances into its fields sorted by name, then its size.
+    names = sorted(instances.get_fields()) + ["image_size"]
+    if fmt == "torchscript":
+        path = os.path.join(output_dir, "model.ts")
+        torch.jit.trace(adapter, (image,), check_trace=False).save(path)
+        run = torch.jit.load(path)
+    else:
+        import onnxruntime
 
-            path = os.path.join(output_dir, "model.onnx")
-            # The dynamo exporter cannot follow the data-dependent shapes of detection
-            # post-processing; the TorchScript-based one has torchvision's RoIAlign and NMS.
-            torch.onnx.export(adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False)
-            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-            input_name = session.get_inputs()[0].name
+        path = os.path.join(output_dir, "model.onnx")
+        # The dynamo exporter cannot follow the data-dependent shapes of detection
+        # post-processing; the TorchScript-based one has torchvision's RoIAlign and NMS.
+        torch.onnx.export(adapter, (image,), path, opset_version=ONNX_OPSET, dynamo=False)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
 
-            def run(x):
-                return [torch.from_numpy(o) for o in session.run(None, {input_name: x.numpy()})]
+        def run(x):
+            return [torch.from_numpy(o) for o in session.run(None, {input_name: x.numpy()})]
 
-        report = _compare(names, adapter(image), run(image), *GRAPH_TOLERANCE[fmt])
-        report["latency_s"] = {
-            "eager": _median_time(lambda: adapter(image)),
-            fmt: _median_time(lambda: run(image)),
-        }
+    report = _compare(names, adapter(image), run(image), *GRAPH_TOLERANCE[fmt])
+    report["latency_s"] = {"eager": _median_time(adapter, image), fmt: _median_time(run, image)}
     report.update(path=path, outputs=names, format=fmt)
     with open(os.path.join(output_dir, "outputs.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -143,9 +130,7 @@ def export_graph(cfg, output_dir, image, fmt):
 
 def _compare(names, expected, actual, rtol, atol):
     if len(expected) != len(actual):
-        raise RuntimeError(
-            f"The exported graph returned {len(actual)} outputs, not {len(expected)}."
-        )
+        raise RuntimeError(f"The graph returned {len(actual)} outputs, not {len(expected)}.")
     diffs = {}
     for name, e, a in zip(names, expected, actual):
         # assert_close also fails, naming the output, when the shapes differ.
@@ -155,16 +140,14 @@ def _compare(names, expected, actual, rtol, atol):
     return {"max_abs_diff": diffs, "tolerance": {"rtol": rtol, "atol": atol}}
 
 
-def _median_time(fn, repeats=5):
-    fn()  # warm-up
-    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
+def _median_time(fn, x, repeats=5):
+    fn(x)  # warm-up
+    return statistics.median(timeit.repeat(lambda: fn(x), number=1, repeat=repeats))
 
 
 def sample_image(cfg, path=""):
-    """A test input (3, H, W), resized as DefaultPredictor and the test loader do."""
-    if not path:
-        batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
-        return batch[0]["image"].float()
-    original = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
-    image, _ = T.apply_augmentations(detection_utils.build_augmentation(cfg, False), original)
-    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+    """A test input (3, H, W): ``path``, else the first test image, as the test loader maps it."""
+    if path:
+        return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"].float()
+    batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
+    return batch[0]["image"].float()

@@ -1,5 +1,3 @@
-from typing import List
-
 import torch
 
 from detectron2.config import configurable
@@ -26,12 +24,11 @@ class BestMatchMatcher(Matcher):
     """
 
     @configurable
-    def __init__(
-        self, thresholds: List[float], labels: List[int], *, best_match_threshold: float = 0.0
-    ):
+    def __init__(self, thresholds, labels, *, best_match_threshold=0.0):
         """
         Args:
-            thresholds, labels: as in :class:`Matcher`, e.g. ``[0.4, 0.5]`` and ``[0, -1, 1]``.
+            thresholds, labels (list[float], list[int]): as in :class:`Matcher`, e.g.
+                ``[0.4, 0.5]`` and ``[0, -1, 1]``.
             best_match_threshold (float): best-matching anchors of a ground truth become
                 positive if their IoU is strictly greater than this. A value >= the positive
                 IoU threshold makes this plain threshold matching.

@@ -7,8 +7,7 @@ differently, and the converter of their checkpoints. The rest is ``configs/origi
 import math
 import os
 import re
-from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -37,7 +36,6 @@ __all__ = [
     "OriginalRetinaMask",
     "convert_original_checkpoint",
     "convert_original_file",
-    "convert_original_state_dict",
     "load_original_checkpoint",
 ]
 
@@ -45,11 +43,10 @@ __all__ = [
 @ANCHOR_GENERATOR_REGISTRY.register()
 class DetectronAnchorGenerator(DefaultAnchorGenerator):
     """
-    The anchors of Detectron and of the reference implementation: the shape of each aspect
-    ratio is rounded to whole pixels on a stride x stride cell, then scaled to each size. With
-    ``MODEL.ANCHOR_GENERATOR.OFFSET 0.5`` they are exactly the reference's, in detectron2's box
-    convention (the reference's inclusive x2, y2 plus one). Cell anchors are in detectron2's
-    order (sizes outer, aspect ratios inner), which :func:`convert_original_state_dict` follows.
+    The anchors of Detectron and of the reference: each aspect ratio's shape is rounded to whole
+    pixels on a stride x stride cell, then scaled to each size. With ``OFFSET 0.5`` they are the
+    reference's in detectron2's box convention (its inclusive x2, y2 plus one), in detectron2's
+    order (sizes outer, aspect ratios inner).
     """
 
     def _calculate_anchors(self, sizes, aspect_ratios):
@@ -115,10 +112,8 @@ class OriginalRetinaMask(RetinaMask):
 
     def _pool_mask_features(self, features, boxes):
         # RoIAlign over the reference's inclusive boxes: (x1, y1, x2 - 1, y2 - 1).
-        shift = [0.0, 0.0, 1.0, 1.0]
-        return super()._pool_mask_features(
-            features, [Boxes(b.tensor - b.tensor.new_tensor(shift)) for b in boxes]
-        )
+        boxes = [Boxes(b.tensor - b.tensor.new_tensor([0.0, 0.0, 1.0, 1.0])) for b in boxes]
+        return super()._pool_mask_features(features, boxes)
 
     def _decode_per_level_predictions(self, *args, **kwargs):
         pred = super()._decode_per_level_predictions(*args, **kwargs)
@@ -147,8 +142,7 @@ _RENAMES = [
     (r"^backbone\.fpn\.fpn_layer(\d)\.1\.", r"backbone.fpn_output{s}.norm."),
     (r"^backbone\.fpn\.fpn_layer(\d)\.(0\.)?", r"backbone.fpn_output{s}."),
     (r"^backbone\.fpn\.top_blocks\.", "backbone.top_block."),
-    (r"^rpn\.head\.cls_tower\.", "head.cls_subnet."),
-    (r"^rpn\.head\.bbox_tower\.", "head.bbox_subnet."),
+    (r"^rpn\.head\.(cls|bbox)_tower\.", r"head.\1_subnet."),
     (r"^rpn\.head\.cls_logits\.", "head.cls_score."),
     (r"^rpn\.head\.bbox_pred\.", "head.bbox_pred."),
     (r"^mask\.feature_extractor\.mask_fcn(\d)\.", r"mask_head.mask_fcn\1."),
@@ -163,14 +157,14 @@ _REQUIRED = ("backbone.body.stem.conv1.weight", "rpn.head.cls_logits.weight")
 NEVER_SAVED = ("box_reg_loss.running_mean", "box_reg_loss.running_var", "loss_normalizer")
 
 
-def _rename(key: str):
+def _rename(key: str) -> str:
     for pattern, replacement in _RENAMES:
         m = re.match(pattern, key)
         if m:
             if "{s}" in replacement:  # stage numbers are one higher in detectron2
                 replacement = replacement.replace("{s}", str(int(m.group(1)) + 1))
             return m.expand(replacement) + key[m.end() :]
-    return None
+    return key  # of another architecture: reported as a weight the model does not have
 
 
 def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
@@ -193,16 +187,10 @@ def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             f"{str(e).splitlines()[0] if str(e) else 'no details'}); the file is truncated, "
             "corrupt, or not a checkpoint. Download it again."
         ) from None
-    state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(v, torch.Tensor) for v in state_dict.values()
-    ):
-        raise OriginalCheckpointError(
-            f"{path}: holds no model state dict (expected a dict of tensors, or one under "
-            "the key 'model')."
-        )
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    model = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    items = model.items() if isinstance(model, dict) else ()
+    # Only tensors can be weights; a file without any lacks the keys checked below.
+    state_dict = {k.removeprefix("module."): v for k, v in items if isinstance(v, torch.Tensor)}
     missing = [k for k in _REQUIRED if k not in state_dict]
     if missing:
         hint = ""
@@ -215,103 +203,34 @@ def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def _fold_frozen_bn(converted: Dict[str, torch.Tensor], prefix: str, eps: float):
+def _fold_frozen_bn(converted: Dict[str, torch.Tensor], prefix: str, eps: float = 1e-5):
     # The reference's FrozenBatchNorm2d scales by running_var**-0.5, detectron2's by
     # (running_var + eps)**-0.5. Folding the statistics into the affine part, with detectron2's
     # identity statistics (mean 0, var 1 - eps), gives the reference's function exactly.
-    weight, bias = converted[prefix + "weight"], converted[prefix + "bias"]
-    mean, var = converted[prefix + "running_mean"], converted[prefix + "running_var"]
+    names = [prefix + k for k in ("weight", "bias", "running_mean", "running_var")]
+    weight, bias, mean, var = (converted[k] for k in names)
     scale = weight * var.rsqrt()
-    converted[prefix + "weight"] = scale
-    converted[prefix + "bias"] = bias - mean * scale
-    converted[prefix + "running_mean"] = torch.zeros_like(mean)
-    converted[prefix + "running_var"] = torch.full_like(var, 1.0 - eps)
-
-
-def _anchor_permutation(num_sizes: int, num_ratios: int) -> List[int]:
-    # Index of detectron2's cell anchor (size s, ratio r) = s * R + r among the reference's
-    # (ratio outer): r * S + s.
-    return [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
-
-
-def convert_original_state_dict(
-    state_dict: Dict[str, torch.Tensor],
-    *,
-    num_sizes: int,
-    num_ratios: int,
-    frozen_bn_eps: float = 1e-5,
-) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, str]]:
-    """
-    Convert the state dict of a reference RetinaMask to this package's names and layouts.
-
-    Args:
-        state_dict: as returned by :func:`load_original_checkpoint`.
-        num_sizes, num_ratios (int): anchor sizes and aspect ratios per location
-            (``MODEL.ANCHOR_GENERATOR``), to reorder the head's outputs.
-        frozen_bn_eps (float): epsilon of detectron2's FrozenBatchNorm2d.
-
-    Returns:
-        converted (OrderedDict[str, Tensor]): detectron2 names.
-        dropped (dict[str, str]): reference keys left out, and why.
-    """
-    converted, dropped, unknown = OrderedDict(), {}, []
-    for key, value in state_dict.items():
-        if _CELL_ANCHORS.match(key):
-            dropped[key] = "anchors are generated by DetectronAnchorGenerator (and checked)"
-            continue
-        new_key = _rename(key)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[new_key] = value.detach().clone()
-    if unknown:
-        raise OriginalCheckpointError(
-            f"{len(unknown)} keys of the checkpoint have no counterpart in RetinaMask, e.g. "
-            f"{unknown[:5]}: it is a checkpoint of another architecture."
-        )
-
-    for key in [k for k in converted if k.endswith(".norm.running_var")]:
-        _fold_frozen_bn(converted, key[: -len("running_var")], frozen_bn_eps)
-
-    perm = _anchor_permutation(num_sizes, num_ratios)
-    for key in [f"head.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")]:
-        t = converted[key]
-        if t.shape[0] % len(perm):
-            raise OriginalCheckpointError(
-                f"{key} has {t.shape[0]} outputs, not a multiple of the {len(perm)} anchors per "
-                "location of MODEL.ANCHOR_GENERATOR."
-            )
-        # Output channels of the head's last convolutions are (anchor, per-anchor values).
-        converted[key] = t.reshape(len(perm), -1, *t.shape[1:])[perm].reshape(t.shape)
-
-    # The reference's mask predictor has a channel for the background class 0; detectron2's
-    # class k is the reference's k + 1.
-    for key in ("mask_head.predictor.weight", "mask_head.predictor.bias"):
-        if key in converted:
-            converted[key] = converted[key][1:]
-            dropped[key] = "row 0 (background class) of the mask predictor dropped"
-    return converted, dropped
+    folded = (scale, bias - mean * scale, torch.zeros_like(mean), torch.full_like(var, 1.0 - eps))
+    converted.update(zip(names, folded))
 
 
 def _check_cell_anchors(state_dict, anchor_generator, perm: List[int]) -> None:
     # The reference saves its cell anchors (inclusive x2, y2, for the cell at (0, 0)); they
     # must be the config's anchors, or every converted box would be decoded from a wrong one.
     saved = {int(m.group(1)): v for k, v in state_dict.items() if (m := _CELL_ANCHORS.match(k))}
-    ours = [c for _, c in anchor_generator.cell_anchors.named_buffers()]
     if not saved:
         return
-    if sorted(saved) != list(range(len(ours))):
+    gen = anchor_generator
+    ours = [c + gen.offset * stride for c, stride in zip(gen.cell_anchors, gen.strides)]
+    if sorted(saved) != list(range(len(ours))) or any(
+        saved[level].shape != cell.shape for level, cell in enumerate(ours)
+    ):
         raise OriginalCheckpointError(
-            f"the checkpoint has anchors for {len(saved)} feature levels, the config for "
-            f"{len(ours)} (MODEL.RETINANET.IN_FEATURES)."
+            f"the checkpoint has {[len(saved[k]) for k in sorted(saved)]} anchors per location "
+            f"at its feature levels, the config {[len(c) for c in ours]} "
+            "(MODEL.RETINANET.IN_FEATURES, MODEL.ANCHOR_GENERATOR)."
         )
-    for level, cell in enumerate(ours):
-        expected = cell + anchor_generator.offset * anchor_generator.strides[level]
-        if saved[level].shape != expected.shape:
-            raise OriginalCheckpointError(
-                f"the checkpoint has {saved[level].shape[0]} anchors per location at level "
-                f"{level}, the config {expected.shape[0]} (MODEL.ANCHOR_GENERATOR)."
-            )
+    for level, expected in enumerate(ours):
         reference = saved[level][perm] + saved[level].new_tensor([0.0, 0.0, 1.0, 1.0])
         if not torch.allclose(reference, expected, atol=1e-3):
             raise OriginalCheckpointError(
@@ -321,21 +240,34 @@ def _check_cell_anchors(state_dict, anchor_generator, perm: List[int]) -> None:
             )
 
 
-def convert_original_checkpoint(
-    state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg
-) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, str]]:
+def convert_original_checkpoint(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg):
     """
-    :func:`convert_original_state_dict` for ``model`` (built from ``cfg``), checked to load into
+    Convert the state dict of a reference RetinaMask (as :func:`load_original_checkpoint`
+    returns it) to the names and layouts of ``model``, built from ``cfg``, checked to load into
     it with no unexpected, wrong-shaped or missing weights but the buffers in ``NEVER_SAVED``.
+
+    Returns:
+        converted (dict[str, Tensor]): detectron2 names.
+        dropped (dict[str, str]): reference keys left out, and why.
     """
     num_sizes = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
     num_ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
-    _check_cell_anchors(
-        state_dict, model.anchor_generator, _anchor_permutation(num_sizes, num_ratios)
-    )
-    converted, dropped = convert_original_state_dict(
-        state_dict, num_sizes=num_sizes, num_ratios=num_ratios
-    )
+    # detectron2's cell anchor (size s, ratio r) is s * R + r, the reference's r * S + s.
+    perm = [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
+    _check_cell_anchors(state_dict, model.anchor_generator, perm)
+    converted, dropped = {}, {}
+    for key, value in state_dict.items():
+        if _CELL_ANCHORS.match(key):
+            dropped[key] = "anchors are generated by DetectronAnchorGenerator (and checked)"
+        else:
+            converted[_rename(key)] = value.detach().clone()
+    # The reference's mask predictor has a channel for the background class 0; detectron2's
+    # class k is the reference's k + 1.
+    for key in ("mask_head.predictor.weight", "mask_head.predictor.bias"):
+        if key in converted:
+            converted[key] = converted[key][1:]
+            dropped[key] = "row 0 (background class) of the mask predictor dropped"
+
     expected = model.state_dict()
     unexpected = [k for k in converted if k not in expected]
     wrong_shape = [
@@ -354,6 +286,14 @@ def convert_original_checkpoint(
                 f"the checkpoint does not fit the config: {len(keys)} {problem}, e.g. "
                 f"{keys[:3]}. Use the configs/original/*.yaml file of this model."
             )
+
+    # Shapes now match the model's: fold the statistics and reorder the head's outputs.
+    for key in [k for k in converted if k.endswith(".norm.running_var")]:
+        _fold_frozen_bn(converted, key[: -len("running_var")])
+    for key in [f"head.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")]:
+        # Output channels of the head's last convolutions are (anchor, per-anchor values).
+        t = converted[key]
+        converted[key] = t.reshape(len(perm), -1, *t.shape[1:])[perm].reshape(t.shape)
     return converted, dropped
 
 
@@ -371,14 +311,12 @@ def convert_original_file(cfg, src: str, dst: str) -> Dict[str, object]:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
     model = build_model(cfg)
     converted, dropped = convert_original_checkpoint(state_dict, model, cfg)
     dropped["optimizer, scheduler, iteration"] = "training state of the reference run"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    write_atomically(
-        dst, "wb", lambda f: torch.save({"model": converted, "__author__": __name__}, f)
-    )
+    checkpoint = {"model": converted, "__author__": __name__}
+    write_atomically(dst, "wb", lambda f: torch.save(checkpoint, f))
     return {
         "converted": len(converted),
         "parameters": sum(v.numel() for v in converted.values()),

@@ -52,16 +52,15 @@ class RetinaMask(RetinaNet):
             box_reg_loss (nn.Module): called as ``box_reg_loss(pred_deltas, gt_deltas, fg_mask)``
                 with (N, R, 4), (N, R, 4) and (N, R) tensors; returns the summed loss.
             box_reg_loss_weight (float): multiplies ``loss_box_reg`` (and no other loss).
-            mask_pooler (ROIPooler or None): pools mask features from ``mask_in_features``.
-            mask_head (nn.Module or None): a head of detectron2's ``ROI_MASK_HEAD_REGISTRY``;
-                None, with ``mask_pooler`` None, makes a box-only model.
+            mask_pooler, mask_head: an ROIPooler of ``mask_in_features`` and a head of
+                ``ROI_MASK_HEAD_REGISTRY``; both None for a box-only model.
             mask_in_features (list[str]): consecutive levels of ``head_in_features``.
             num_mask_proposals_train (int): top detections per image used as mask proposals
-                in training (the ground-truth boxes are added to them).
+                in training, besides the ground-truth boxes.
             mask_fg_iou_threshold (float): a mask proposal with at least this IoU to a ground
                 truth is trained on that object's mask; the others are dropped.
             num_masks_test (int): masks are predicted for this many top detections, the rest
-                get all-zero masks. <= 0 means all detections.
+                get all-zero masks; <= 0 means all.
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -97,14 +96,13 @@ class RetinaMask(RetinaNet):
         in_features = cfg.MODEL.RETINAMASK.MASK_IN_FEATURES
         _check_mask_in_features(in_features, cfg.MODEL.RETINANET.IN_FEATURES, input_shape)
         resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
-        # Eq. 3: level k = floor(4 + log2(sqrt(wh) / 224)), clamped to the pooled levels.
+        # Eq. 3, level k = floor(4 + log2(sqrt(wh) / 224)) clamped to the pooled levels, is
+        # ROIPooler's level assignment with its default canonical box size and level.
         pooler = ROIPooler(
             output_size=resolution,
             scales=tuple(1.0 / input_shape[f].stride for f in in_features),
             sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
             pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE,
-            canonical_box_size=224,
-            canonical_level=4,
         )
         # The mask head predicts one mask per detector class; detectron2's mask heads read the
         # class count from ROI_HEADS, so take it from RETINANET instead of asking for it twice.
@@ -175,14 +173,13 @@ class RetinaMask(RetinaNet):
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ):
         """
-        The parent's method without the boxes of no area inside the image, which have no mask
-        and no RoI to pool: their scores go below ``score_thresh``, so that they are dropped
-        before the top-k and NMS, without another host-device sync.
+        The parent's method without the boxes of no area inside the image (no mask, no RoI to
+        pool): their scores go to -inf, below ``score_thresh``, so they are dropped before the
+        top-k and NMS. Not Boxes.clip, whose finiteness check waits for the device; a NaN box
+        fails the comparison and is dropped too.
         """
         boxes = self.box2box_transform.apply_deltas(pred_deltas, anchors.tensor)  # (HWA, 4)
         h, w = image_size
-        # "Clipped width and height > 0" without Boxes.clip, whose finiteness check waits for
-        # the device; a NaN box fails the comparison and is dropped too.
         nonempty = (boxes[:, 2].clamp(max=w) > boxes[:, 0].clamp(min=0)) & (
             boxes[:, 3].clamp(max=h) > boxes[:, 1].clamp(min=0)
         )
@@ -195,16 +192,12 @@ class RetinaMask(RetinaNet):
     def _detect_mask_proposals(self, anchors, pred_logits, pred_anchor_deltas, image_sizes):
         """
         Sec. 3.4: the mask proposals are the detector's own top ``num_mask_proposals_train``
-        detections (RetinaNet's inference on the detached predictions).
-
-        Args:
-            anchors (list[Boxes]): per level, (Hi * Wi * A, 4) anchors.
-            pred_logits, pred_anchor_deltas (list[Tensor]): per level, (N, Hi * Wi * A, K)
-                classification logits and (N, Hi * Wi * A, 4) box deltas.
-            image_sizes (list[tuple[int, int]]): (H, W) of each image.
+        detections, RetinaNet's inference on the detached predictions: per level, (Hi * Wi * A, 4)
+        ``anchors``, (N, Hi * Wi * A, K) ``pred_logits`` and (N, Hi * Wi * A, 4) deltas.
 
         Returns:
-            list[Instances]: per image, ``pred_boxes``, ``scores`` and ``pred_classes``.
+            list[Instances]: per image (H, W) of ``image_sizes``, ``pred_boxes``, ``scores`` and
+            ``pred_classes``.
         """
         # inference_single_image keeps the top max_detections_per_image after NMS.
         max_detections_per_image = self.max_detections_per_image
@@ -252,9 +245,7 @@ class RetinaMask(RetinaNet):
         by_name = dict(zip(self.head_in_features, features))
         return self.mask_pooler([by_name[f] for f in self.mask_in_features], boxes)
 
-    def forward_inference(
-        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
-    ):
+    def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
         """
         RetinaNet's detections, so that box AP is that of box-only inference, as the paper
         reports it. With a mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities,
@@ -279,15 +270,10 @@ class RetinaMask(RetinaNet):
 
 
 def _check_mask_in_features(features: List[str], head_in_features, input_shape):
-    """
-    Raise :class:`InputError` unless ``features`` are consecutive FPN levels, fine to coarse,
-    among the detector's ``head_in_features`` and no coarser than P5, as Eq. 3 needs (one level
-    per box, clamped to a contiguous range).
-    """
+    # Eq. 3 gives each box one level of a contiguous range, and every box over 448 pixels P5,
+    # the coarsest level the paper pools masks from (Sec. 3.3, Table 3).
     unknown = [f for f in features if f not in head_in_features]
     levels = [math.log2(input_shape[f].stride) for f in features if f not in unknown]
-    # Eq. 3 already sends every box over 448 pixels to P5, the coarsest level the paper pools
-    # masks from (Sec. 3.3, Table 3).
     too_coarse = [f for f, level in zip(features, levels) if level > 5]
     if not features:
         problem = "is empty, but the mask head needs levels to pool from"
@@ -297,10 +283,7 @@ def _check_mask_in_features(features: List[str], head_in_features, input_shape):
             f"is {list(head_in_features)}); the mask head pools from the detector's own levels"
         )
     elif any(b - a != 1 for a, b in zip(levels, levels[1:])):
-        problem = (
-            f"= {list(features)} are not consecutive FPN levels from fine to coarse; Eq. 3 "
-            "assigns each box one level of a contiguous range"
-        )
+        problem = f"= {list(features)} are not consecutive FPN levels from fine to coarse"
     elif too_coarse:
         problem = f"has {too_coarse}, coarser than P5: Eq. 3 gives P5 every box over 448 pixels"
     else:

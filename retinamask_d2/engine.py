@@ -5,11 +5,10 @@ one line.
 """
 
 import contextlib
-import os
 import sys
 
-import yaml
 from torch.multiprocessing import ProcessRaisedException
+from detectron2.config import CfgNode
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import default_argument_parser
 
@@ -59,18 +58,10 @@ def build_config(args):
 
 def _config_sets(config_file, opts, key: str) -> bool:
     # Whether opts, config_file or a file of its _BASE_ chain sets key, default or not.
-    if key in list(opts)[::2]:
-        return True
-    while config_file:
-        with open(config_file) as f:
-            node = yaml.safe_load(f) or {}
-        base = node.get("_BASE_")
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return True
-        config_file = base and os.path.join(os.path.dirname(config_file), base)
-    return False
+    node = CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node is not None or key in list(opts)[::2]
 
 
 def check_before_launch(cfg, args):

@@ -8,9 +8,8 @@ Ablation of RetinaMask's training changes on synthetic_shapes, a miniature of th
     python3 tools/ablation.py --collect-only          # table and JSON from the finished runs
 
 A run is train_net.py in ``<output>/<variant>/seed<s>``, its schedule scaled to ``--max-iter``; a
-finished run of the same command and merged config is skipped, so an ablation resumes. The table
-gives mean ± sample std over seeds and the box AP change from the row above paired by seed (same
-initialization and image order), less noisy than the difference of the means.
+finished run of the same command and merged config is skipped, so an ablation resumes. The box AP
+change from the row above is paired by seed, less noisy than the difference of the means.
 """
 
 import argparse
@@ -31,27 +30,22 @@ from detectron2.utils.logger import setup_logger
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from retinamask_d2 import InputError, get_retinamask_cfg  # noqa: E402
-from retinamask_d2.data import prepare_synthetic_datasets  # noqa: E402
 from retinamask_d2.evaluation import read_metrics_json  # noqa: E402
 
 logger = logging.getLogger("retinamask_d2.ablation")
 
 CONFIG_DIR = "configs/ablation"
-# Table order: each row's delta is against the row above.
-VARIANTS = "retinanet match0.5+fixed match0.0+fixed match0.0+selfadj retinamask".split()
-VARIANTS.append("retinamask-d2units")  # both unit systems: not in the paper
-# The paper's numbers for the same step on COCO minival, ResNet-50-FPN, 1x schedule.
+# The variants in table order (each row's delta is against the row above), with the paper's
+# numbers for the same step on COCO minival, ResNet-50-FPN, 1x schedule.
 PAPER_COCO = {
     "retinanet": {"source": "not ablated in Tables 1-3 (Table 4: 35.7 test-dev, from [25])"},
     "match0.5+fixed": {"source": "Table 1, threshold 0.5", "box_AP": 35.5},
-    "match0.0+fixed": {
-        "source": "Table 1, threshold 0.0 = Table 2, fixed beta 0.11",
-        "box_AP": 36.2,
-    },
+    "match0.0+fixed": {"source": "Table 1, threshold 0 = Table 2, fixed beta 0.11", "box_AP": 36.2},
     "match0.0+selfadj": {"source": "Table 2, self-adjusting beta <= 0.11", "box_AP": 36.6},
     "retinamask": {"source": "Table 3, P3-P5 1x", "box_AP": 36.9, "mask_AP": 32.7},
     "retinamask-d2units": {"source": "not in the paper, which trains in the reference units"},
 }
+VARIANTS = list(PAPER_COCO)
 # Name in results.json, key in detectron2's results, table column; "bar" is the thin-object class.
 METRICS = [
     ("box_AP", "bbox/AP", "box AP"),
@@ -62,7 +56,6 @@ METRICS = [
     ("mask_AP50", "segm/AP50", None),
     ("mask_AP_bar", "segm/AP-bar", "mask AP-bar"),
 ]
-
 TABLE_NOTES = """
 Mean ± sample std over seeds, COCO-style AP in points on synthetic_shapes_val.
 Δ box AP: per seed, this row minus the row above (same initialization and image order).
@@ -84,13 +77,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def config_file(args, variant):
-    path = os.path.join(args.config_dir, variant + ".yaml")
-    if not os.path.isfile(path):
-        raise InputError(f"Variant {variant!r} has no config {path}. Add it or pick another.")
-    return path
-
-
 def scaled_schedule(cfg, max_iter):
     """SOLVER overrides that shrink (or stretch) the config's LR curve to ``max_iter``."""
     base = cfg.SOLVER.MAX_ITER
@@ -107,7 +93,9 @@ def run_dir(output, variant, seed):
 
 def train_net_args(args, variant, seed):
     """Arguments of train_net.py for one run, every value a string."""
-    path = config_file(args, variant)
+    path = os.path.join(args.config_dir, variant + ".yaml")
+    if not os.path.isfile(path):
+        raise InputError(f"Variant {variant!r} has no config {path}. Add it or pick another.")
     schedule = scaled_schedule(get_retinamask_cfg(path, args.opts), args.max_iter)
     opts = ["MODEL.DEVICE", "cpu", "SEED", seed, "OUTPUT_DIR", run_dir(args.output, variant, seed)]
     return ["--config-file", path, "--num-gpus", "1", *map(str, opts + schedule + args.opts)]
@@ -143,20 +131,17 @@ def summarize(runs, variants):
     from the previous variant paired by seed. ``runs``: ``[{"variant", "seed", "metrics"}]``.
     """
     by_variant = {v: {r["seed"]: r["metrics"] for r in runs if r["variant"] == v} for v in variants}
-    summary, previous = {}, None
-    for variant in variants:
-        results = by_variant[variant]
-        entry = {"seeds": sorted(results)}
+    summary = {}
+    for previous, variant in zip([None, *variants], variants):
+        results, before = by_variant[variant], by_variant.get(previous, {})
+        entry = summary[variant] = {"seeds": sorted(results)}
         for name, _, _ in METRICS:
             values = [results[s][name] for s in entry["seeds"] if name in results[s]]
             if values:
                 entry[name] = _stats(values)
-        if previous is not None:
-            before = by_variant[previous]
-            deltas = [results[s]["box_AP"] - before[s]["box_AP"] for s in results if s in before]
-            if deltas:
-                entry["box_AP_delta"] = dict(_stats(deltas), versus=previous)
-        summary[variant], previous = entry, variant
+        deltas = [results[s]["box_AP"] - before[s]["box_AP"] for s in results if s in before]
+        if deltas:
+            entry["box_AP_delta"] = dict(_stats(deltas), versus=previous)
     return summary
 
 
@@ -183,8 +168,7 @@ def format_table(summary):
 def run_one(args, variant, seed):
     """Train and evaluate one run unless it is finished. Returns its record, or None."""
     directory = run_dir(args.output, variant, seed)
-    cmd_args = train_net_args(args, variant, seed)
-    stamp = run_stamp(cmd_args)
+    stamp = run_stamp(train_net_args(args, variant, seed))
     stamp_path = os.path.join(directory, "ablation_run.json")
     record = {"variant": variant, "seed": seed, "dir": directory, **stamp}
     final = read_final_metrics(directory)
@@ -199,25 +183,25 @@ def run_one(args, variant, seed):
             )
         logger.info(f"{variant} seed {seed}: done before, skipped")
         return dict(record, metrics=pick_metrics(final), wall_s=previous.get("wall_s"))
+    command = [sys.executable, "train_net.py", *stamp["train_net_args"]]
     if args.dry_run:
-        print(shlex.join([sys.executable, "train_net.py", *cmd_args]))
+        print(shlex.join(command))
     if args.collect_only or args.dry_run:
         return None
     # An unfinished run starts over: detectron2 appends to metrics.json, and a resumed run
     # would not see the same images as an uninterrupted one.
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.num_threads))
-    env["MKL_NUM_THREADS"] = env["OMP_NUM_THREADS"]
+    threads = str(args.num_threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     logger.info(f"{variant} seed {seed}: training in {directory}")
+    log = os.path.join(directory, "stdout.txt")
     start = time.perf_counter()
-    with open(os.path.join(directory, "stdout.txt"), "w") as out:
-        command = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), *cmd_args]
-        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)
     wall_s = time.perf_counter() - start
     final = read_final_metrics(directory)
     if proc.returncode != 0 or final is None:
-        log = os.path.join(directory, "stdout.txt")
         raise RuntimeError(f"{variant} seed {seed} failed (exit code {proc.returncode}); see {log}")
     with open(stamp_path, "w") as f:
         json.dump(dict(stamp, wall_s=wall_s), f, indent=2)
@@ -233,11 +217,8 @@ def main(args):
     args.output = os.path.relpath(os.path.abspath(args.output), REPO_ROOT)
     args.config_dir = os.path.relpath(os.path.abspath(args.config_dir), REPO_ROOT)
     os.chdir(REPO_ROOT)
-    for variant in args.variants:
-        cfg = get_retinamask_cfg(config_file(args, variant), args.opts)
-        if not args.collect_only and not args.dry_run:
-            # Once, here, before the runs start; they only read the files.
-            prepare_synthetic_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    for variant in args.variants:  # a missing config or bad override stops before any training
+        train_net_args(args, variant, 0)
     start = time.perf_counter()
     # Seed-major: a partial ablation already has every variant for the first seeds.
     runs = [run_one(args, variant, seed) for seed in args.seeds for variant in args.variants]

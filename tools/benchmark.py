@@ -5,15 +5,14 @@ inputs and weights: FLOPs per image (fvcore), inference latency, training iterat
 memory. On a shared machine the ratios to RetinaNet are the result, not the absolute times.
 
     python3 tools/benchmark.py --config-file configs/retinamask_R50_1x.yaml --output bench.json
-    python3 tools/benchmark.py --config-file configs/synthetic/retinamask_synthetic.yaml \
-        --weights output/synthetic/model_final.pth --dataset synthetic_shapes_val
 
 Without --weights the models share one random initialization (frozen BatchNorm calibrated on
 the first input) and the score threshold is 0, so the mask head runs on its maximum of 50.
+--dataset takes the inputs from a registered dataset instead of random images of --size.
 """
 
 import argparse
-import copy
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -54,14 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", default="configs/retinamask_R50_1x.yaml")
     parser.add_argument("--weights", default="", help="checkpoint loaded into every model")
     parser.add_argument("--dataset", default="", help="a registered dataset to take inputs from")
-    parser.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        default=(512, 640),
-        metavar=("H", "W"),
-        help="image size of the generated inputs (without --dataset)",
-    )
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"))
     parser.add_argument("--batch-size", type=int, default=2, help="images per training step")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10, help="timed repetitions per model")
@@ -74,33 +66,24 @@ def parse_args(argv=None):
 
 
 def build_cfg(args, name):
-    cfg = retinamask_d2.get_retinamask_cfg(
-        args.config_file, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", *args.opts]
-    )
-    if not args.weights:
-        cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
-    cfg.merge_from_list(VARIANTS[name])
-    cfg.freeze()
-    return cfg
+    score = [] if args.weights else ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0]
+    opts = ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", *args.opts, *score, *VARIANTS[name]]
+    return retinamask_d2.get_retinamask_cfg(args.config_file, opts)
 
 
 @torch.no_grad()
 def calibrate_frozen_bn(model, image):
     """
-    Set every frozen BatchNorm's statistics to those of its input on ``image``. Without
-    pretrained weights, identity statistics let activations grow through the residual blocks
-    until every box is huge and NMS leaves a handful of detections.
+    Set every frozen BatchNorm's statistics to those of its input on ``image``: identity
+    statistics let random activations grow until NMS leaves a handful of huge boxes.
     """
 
     def set_statistics(module, inputs):
         module.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
         module.running_var.copy_(inputs[0].var(dim=(0, 2, 3)))
 
-    handles = [
-        m.register_forward_pre_hook(set_statistics)
-        for m in model.modules()
-        if isinstance(m, FrozenBatchNorm2d)
-    ]
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [m.register_forward_pre_hook(set_statistics) for m in norms]
     model.eval()([image])
     for handle in handles:
         handle.remove()
@@ -127,41 +110,28 @@ def make_inputs(args, cfg):
     n = max(args.iters, args.batch_size, 1)
     if args.dataset:
         dicts = DatasetCatalog.get(args.dataset)
-        images = [DatasetMapper(cfg, False)(copy.deepcopy(d)) for d in dicts[:n]]
+        images = [DatasetMapper(cfg, False)(d) for d in dicts[:n]]  # the mappers copy each dict
         mapper = DatasetMapper(cfg, True)
-        return images, [[mapper(copy.deepcopy(d)) for d in dicts[: args.batch_size]]]
+        return images, [[mapper(d) for d in dicts[: args.batch_size]]]
     rng = np.random.default_rng(0)
     h, w = args.size
-    images = [
-        {"image": torch.as_tensor(rng.integers(0, 256, (3, h, w), dtype=np.uint8))}
-        for _ in range(n)
-    ]
+    images = [{"image": torch.as_tensor(x)} for x in rng.integers(0, 256, (n, 3, h, w), np.uint8)]
     batch = []
     for image in images[: args.batch_size]:
         xy = rng.uniform(0, [w * 0.7, h * 0.7], size=(6, 2))
         wh = rng.uniform(16, [w * 0.3, h * 0.3], size=(6, 2))
         boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
-        inst = Instances((h, w))
-        inst.gt_boxes = Boxes(torch.as_tensor(boxes))
+        masks = PolygonMasks([[box[[0, 1, 2, 1, 2, 3, 0, 3]]] for box in boxes])
+        inst = Instances((h, w), gt_boxes=Boxes(torch.as_tensor(boxes)), gt_masks=masks)
         inst.gt_classes = torch.as_tensor(rng.integers(0, cfg.MODEL.RETINANET.NUM_CLASSES, 6))
-        inst.gt_masks = PolygonMasks([[box[[0, 1, 2, 1, 2, 3, 0, 3]]] for box in boxes])
         batch.append({"image": image["image"], "instances": inst})
     return images, [batch]
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def count_flops(models, image):
-    flops = {}
-    for name, model in models.items():
-        with torch.no_grad():
-            analysis = FlopCountAnalysis(model.eval(), [image])
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            flops[name] = analysis.total()
-    return flops
+@torch.no_grad()
+def count_flops(model, image):
+    analysis = FlopCountAnalysis(model.eval(), [image])
+    return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
 
 
 def _median_times(steps, inputs, args, iters):
@@ -169,15 +139,16 @@ def _median_times(steps, inputs, args, iters):
     Median seconds of ``steps[name](input)`` per name. The steps are interleaved, in an order
     that rotates every round, so that drift hits all alike and none always runs first.
     """
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     times = {name: [] for name in steps}
     items = list(steps.items())
     for i in range(args.warmup + iters):
         k = i % len(items)
         for name, step in items[k:] + items[:k]:
-            _sync(args.device)
+            sync()
             start = time.perf_counter()
             step(inputs[i % len(inputs)])
-            _sync(args.device)
+            sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -209,18 +180,10 @@ def time_training(models, batches, args):
 
 
 def peak_memory(args, name, mode):
-    """Peak memory of one model in a process of its own, so that peaks do not mix."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_memory, (args, name, mode))
-
-
-def _peak_memory(args, name, mode):
+    """Peak memory of one model, run in a fresh process: ``{"cpu_rss_mib", "gpu_mib"}``."""
     # Linux: writing 5 to clear_refs resets VmHWM, so that the peak excludes the imports.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     model = build_models(args, names=(name,))[name]
     images, batches = make_inputs(args, build_cfg(args, name))
     if args.device.startswith("cuda"):
@@ -255,10 +218,17 @@ def main(args):
     )
 
     measured = {
-        "gflops": {name: flops / 1e9 for name, flops in count_flops(models, images[0]).items()},
+        "gflops": {name: count_flops(model, images[0]) / 1e9 for name, model in models.items()},
         "latency_s": time_inference(models, images, args),
         "train_iter_s": time_training(models, batches, args),
     }
+    if not args.no_memory:
+        # One process per model and mode (maxtasksperchild=1), so that peaks do not mix.
+        with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            for mode in ("inference", "train"):
+                peaks = {name: pool.apply(peak_memory, (args, name, mode)) for name in models}
+                for key in peaks[BASELINE]:
+                    measured[f"{mode}_peak_{key}"] = {n: p[key] for n, p in peaks.items()}
     results = {name: {} for name in models}
     for key, values in measured.items():
         for name, value in values.items():
@@ -266,28 +236,14 @@ def main(args):
     with torch.no_grad():
         detections = len(models[MASKS].eval()([images[0]])[0]["instances"])
     # All detections are returned; the mask head runs on the top NUM_MASKS_TEST (0: all).
-    num_masks = models[MASKS].num_masks_test
-    results[MASKS]["detections"] = detections
-    results[MASKS]["detections_with_masks"] = min(detections, num_masks or detections)
-    for name in [] if args.no_memory else models:
-        for mode in ("inference", "train"):
-            for key, value in peak_memory(args, name, mode).items():
-                results[name][f"{mode}_peak_{key}"] = value
+    num_masks = models[MASKS].num_masks_test or detections
+    results[MASKS].update(detections=detections, detections_with_masks=min(detections, num_masks))
 
-    header = (
-        f"{'model':<22}{'GFLOPs':>9}{'ratio':>8}{'latency ms':>12}{'ratio':>8}"
-        f"{'train it s':>12}{'ratio':>8}{'peak RSS inf/train MiB':>26}"
-    )
-    print(header + "\n" + "-" * len(header))
-    for name, r in results.items():
-        mem = "-"
-        if not args.no_memory:
-            mem = f"{r['inference_peak_cpu_rss_mib']:.0f} / {r['train_peak_cpu_rss_mib']:.0f}"
-        print(
-            f"{name:<22}{r['gflops']:>9.2f}{r['gflops_ratio']:>8.3f}"
-            f"{r['latency_s'] * 1e3:>12.1f}{r['latency_s_ratio']:>8.3f}"
-            f"{r['train_iter_s']:>12.3f}{r['train_iter_s_ratio']:>8.3f}{mem:>26}"
-        )
+    # One row per measure, one column per model: value (ratio to RetinaNet).
+    print(f"{'':<28}" + "".join(f"{name:>22}" for name in models))
+    for key, values in measured.items():
+        cells = [f"{v:.4g} ({v / values[BASELINE]:.3f})" for v in values.values()]
+        print(f"{key:<28}" + "".join(f"{cell:>22}" for cell in cells))
     keys = ("config_file", "weights", "dataset", "device", "batch_size", "iters", "train_iters")
     report = {key: getattr(args, key) for key in keys}
     report.update(threads=torch.get_num_threads(), torch=torch.__version__, image_hw=image_hw)

@@ -6,10 +6,10 @@ the detections the authors' own code gave on the same weights and images:
     python3 tools/compare_original.py --config-file configs/original/retinamask_R50.yaml \
         --reference ref.json --images DIR --output report.json MODEL.WEIGHTS converted.pth
 
-``ref.json`` holds, per image file in DIR, the authors' detections box-only ("box_only") and
-with masks ("with_masks"): "boxes" as the authors' code gives them (x1, y1, x2, y2 with
-inclusive x2, y2, in image pixels), "scores", "labels" (1-based) and, with masks, "masks" as
-COCO RLE of the pasted image-sized masks.
+``ref.json`` holds "images": per image, its "file" in DIR, the "input_size" [h, w] the authors'
+code resized it to, and their detections box-only ("box_only") and with masks ("with_masks"):
+"boxes" as their code gives them (x1, y1, x2, y2 with inclusive x2, y2, in image pixels),
+"scores", "labels" (1-based) and, with masks, "masks" as COCO RLE of the pasted masks.
 
 A reference detection agrees when a detection of ours of the same class overlaps it at IoU
 >= 0.5 (greedy, by score), with score difference <= 1e-3, every box coordinate within 1 pixel
@@ -35,37 +35,21 @@ from retinamask_d2 import get_retinamask_cfg
 SCORE_TOL, BOX_TOL, MASK_IOU = 1e-3, 1.0, 0.9
 
 
-def match(ref, ours):
-    """
-    Returns:
-        list[tuple[int, int]]: (reference index, our index) pairs of the same class with IoU
-        >= 0.5, each reference detection, highest score first, taking its best free match.
-    """
-    if len(ref["scores"]) == 0 or len(ours) == 0:
-        return []
-    ref_boxes = torch.as_tensor(_ref_boxes(ref), dtype=torch.float32)
-    iou = pairwise_iou(Boxes(ref_boxes), ours.pred_boxes.to("cpu"))
-    iou[torch.tensor(ref["labels"])[:, None] - 1 != ours.pred_classes.cpu()[None, :]] = 0
-    pairs = []
-    for i in np.argsort(-np.asarray(ref["scores"]), kind="stable"):
-        j = int(iou[i].argmax())
-        if iou[i, j] >= 0.5:
-            pairs.append((int(i), j))
-            iou[:, j] = 0  # taken
-    return pairs
-
-
-def _ref_boxes(ref):
-    """(R, 4) reference boxes as ours: the authors' x2 + 1 is our x2."""
-    return np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4) + [0, 0, 1, 1]
-
-
 def compare(ref, ours, with_masks):
-    """Per matched pair: score, box and (with masks) mask differences; and the counts."""
-    ref_boxes = _ref_boxes(ref)
+    """The counts and, per matched pair, the score, box and (with masks) mask differences."""
+    # The authors' x2 + 1 is our x2.
+    ref_boxes = np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4) + [0, 0, 1, 1]
+    our_boxes = ours.pred_boxes.tensor.cpu()
+    iou = pairwise_iou(Boxes(torch.as_tensor(ref_boxes, dtype=torch.float32)), Boxes(our_boxes))
+    iou[torch.as_tensor(ref["labels"]).view(-1, 1) - 1 != ours.pred_classes.cpu()] = 0
     rows = []
-    for i, j in match(ref, ours):
-        ref_box, our_box = ref_boxes[i], ours.pred_boxes.tensor[j].cpu().numpy()
+    # Greedy: each reference detection, highest score first, takes its best free match.
+    for i in np.argsort(-np.asarray(ref["scores"]), kind="stable") if len(ours) else []:
+        j = int(iou[i].argmax())
+        if iou[i, j] < 0.5:
+            continue
+        iou[:, j] = 0  # taken
+        ref_box, our_box = ref_boxes[i], our_boxes[j].numpy()
         row = {
             "area": float((ref_box[2] - ref_box[0]) * (ref_box[3] - ref_box[1])),
             "score_diff": abs(ref["scores"][i] - ours.scores[j].item()),
@@ -74,19 +58,12 @@ def compare(ref, ours, with_masks):
             "coco_width_diff": float((ref_box[2] - ref_box[0]) - (our_box[2] - our_box[0])),
         }
         if with_masks:
-            ref_mask = mask_util.decode(ref["masks"][i]).astype(bool)
-            our_mask = ours.pred_masks[j].cpu().numpy()
-            union = np.logical_or(ref_mask, our_mask).sum()
+            masks = mask_util.decode(ref["masks"][i]).astype(bool), ours.pred_masks[j].cpu().numpy()
+            union = np.logical_or(*masks).sum()
             # Two empty masks (a box too small to hold one) agree.
-            row["mask_iou"] = (
-                float(np.logical_and(ref_mask, our_mask).sum() / union) if union else 1.0
-            )
-        row["agrees"] = (
-            row["score_diff"] <= SCORE_TOL
-            and row["box_diff"] <= BOX_TOL
-            and row.get("mask_iou", 1.0) >= MASK_IOU
-        )
-        rows.append(row)
+            row["mask_iou"] = float(np.logical_and(*masks).sum() / union) if union else 1.0
+        ok = row["score_diff"] <= SCORE_TOL and row["box_diff"] <= BOX_TOL
+        rows.append(dict(row, agrees=ok and row.get("mask_iou", 1.0) >= MASK_IOU))
     return {"reference": len(ref["scores"]), "ours": len(ours), "pairs": rows}
 
 
@@ -115,6 +92,20 @@ def summarize(results):
     return summary
 
 
+def describe(s):
+    """A summary in one line: agreement, largest differences and, with masks, mask IoU."""
+    line = f"{s['agreeing']}/{s['reference_detections']} reference detections agree"
+    line += f" ({100 * s['agreement']:.1f}%)"
+    if s["matched"]:
+        line += f", max score diff {s['score_diff']['max']:.2e}"
+        line += f", max box diff {s['box_diff']['max']:.3f} px"
+    if "mask_iou" in s:
+        line += f", mask IoU >= {MASK_IOU}: {s['mask_iou_ok']}/{s['matched']} (objects of 32x32"
+        line += f" px or more: {s['mask_iou_ok_medium_large']}/{s['matched_medium_large']})"
+        line += f", mean mask IoU {s['mask_iou']['mean']:.3f}"
+    return line
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
@@ -141,30 +132,14 @@ def main(argv=None):
             resize = predictor.aug.get_transform(image)
             same = list(entry["input_size"]) == [resize.new_h, resize.new_w]
             results.append({**result, "file": entry["file"], "same_input_size": same})
-        same = [r for r in results if r["same_input_size"]]
-        other = [r for r in results if not r["same_input_size"]]
-        s, o = summarize(same), summarize(other)
-        report[mode] = {"all": summarize(results), "same_input_size": s, "other_input_size": o}
+        report[mode] = {"all": summarize(results)}
+        for group, same in (("same_input_size", True), ("other_input_size", False)):
+            s = report[mode][group] = summarize(
+                [r for r in results if r["same_input_size"] == same]
+            )
+            if s["images"]:
+                print(f"{mode}, {s['images']} images of {group.replace('_', ' ')}: {describe(s)}")
         report[mode]["images"] = results
-        nan = {"max": float("nan")}
-        line = (
-            f"{mode}: {s['agreeing']}/{s['reference_detections']} reference detections agree "
-            f"({100 * s['agreement']:.1f}%) on {s['images']} images with the same input size; "
-            f"max score diff {s.get('score_diff', nan)['max']:.2e}, "
-            f"max box diff {s.get('box_diff', nan)['max']:.3f} px"
-        )
-        if "mask_iou" in s:
-            line += (
-                f", mask IoU >= {MASK_IOU}: {s['mask_iou_ok']}/{s['matched']} (objects of 32x32 "
-                f"px or more: {s['mask_iou_ok_medium_large']}/{s['matched_medium_large']}), "
-                f"mean mask IoU {s['mask_iou']['mean']:.3f}"
-            )
-        print(line)
-        if o["images"]:
-            print(
-                f"{mode}: {o['agreeing']}/{o['reference_detections']} agree "
-                f"({100 * o['agreement']:.1f}%) on {o['images']} images resized differently"
-            )
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

@@ -4,21 +4,17 @@ Draw the self-adjusting smooth L1 loss of a training run as the paper's Fig. 3 d
 mean and running variance of |prediction - target| and the control point beta of each box
 coordinate (dx, dy, dw, dh) over the iterations (Sec. 3.2, Eq. 2).
 
-    python3 tools/plot_beta.py output/quickstart/metrics.json --output docs/self_adjusting_beta.png
+    python3 tools/plot_beta.py output/synthetic_retinamask/metrics.json --output beta.png
 
-The curves are read from the metrics.json that detectron2's JSONWriter writes into OUTPUT_DIR,
-where SelfAdjustingSmoothL1Loss logs ``box_reg_{mean,var,beta}/{dx,dy,dw,dh}``: each point is
-the median of the last 20 iterations, written every 20 iterations.
+SelfAdjustingSmoothL1Loss logs ``box_reg_{mean,var,beta}/{dx,dy,dw,dh}`` to the run's
+metrics.json: each point is the median of the last 20 iterations, written every 20 iterations.
 """
 
 import argparse
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: files only, no display
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from retinamask_d2.evaluation import read_metrics_json  # noqa: E402
@@ -50,27 +46,23 @@ def read_curves(path):
         dict: ``{stat: {coord: (iterations, values)}}`` for stat in mean, var, beta, sorted by
         iteration. A resumed run writes some iterations twice; the last record wins.
     """
-    points = {stat: {c: {} for c in COORDS} for stat, _ in PANELS}
+    points = {(stat, c): {} for stat, _ in PANELS for c in COORDS}
     for record in read_metrics_json(path):
-        for stat, by_coord in points.items():
-            for coord, values in by_coord.items():
-                key = f"box_reg_{stat}/{coord}"
-                if key in record:
-                    values[record["iteration"]] = record[key]
-    if not any(points[stat][c] for stat in points for c in COORDS):
+        for (stat, coord), values in points.items():
+            if f"box_reg_{stat}/{coord}" in record:
+                values[record["iteration"]] = record[f"box_reg_{stat}/{coord}"]
+    if not any(points.values()):
         raise ValueError(
-            f"{path} has no box_reg_mean/*, box_reg_var/* or box_reg_beta/* values: the run did "
-            "not train with MODEL.RETINAMASK.BOX_REG_LOSS.NAME SelfAdjustingSmoothL1Loss, or "
-            "predates the logging of the running statistics."
+            f"{path} has no box_reg_{{mean,var,beta}}/* values: the run did not train with"
+            " MODEL.RETINAMASK.BOX_REG_LOSS.NAME SelfAdjustingSmoothL1Loss, or predates them."
         )
-    return {
-        stat: {c: tuple(zip(*sorted(values.items()))) or ((), ()) for c, values in by_coord.items()}
-        for stat, by_coord in points.items()
-    }
+    curve = {key: tuple(zip(*sorted(values.items()))) or ((), ()) for key, values in points.items()}
+    return {stat: {c: curve[stat, c] for c in COORDS} for stat, _ in PANELS}
 
 
 def plot(curves, output, beta_max=None, title=None):
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(7, 8), sharex=True)
+    fig = Figure(figsize=(7, 8))
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
     for ax, (stat, label) in zip(axes, PANELS):
         for coord in COORDS:
             iterations, values = curves[stat][coord]
@@ -91,14 +83,12 @@ def plot(curves, output, beta_max=None, title=None):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
-    plt.close(fig)
 
 
 def main(args):
-    title = args.title
-    if title is None:
-        run = os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
-        title = f"Self-adjusting smooth L1, {run} (medians over 20 iterations)"
+    run = os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
+    default = f"Self-adjusting smooth L1, {run} (medians over 20 iterations)"
+    title = default if args.title is None else args.title
     plot(read_curves(args.metrics), args.output, beta_max=args.beta_max, title=title)
     print(f"wrote {args.output}")
 

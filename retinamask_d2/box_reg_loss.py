@@ -74,8 +74,12 @@ class SmoothL1Loss(nn.Module):
 
     def forward(self, pred_deltas, gt_deltas, fg_mask):
         """
-        Returns the loss (a scalar) summed over the foreground elements of ``pred_deltas`` and
-        ``gt_deltas``, (..., 4) box deltas, where ``fg_mask`` (...) is true.
+        Args:
+            pred_deltas, gt_deltas (Tensor): (..., 4) predicted and target box deltas.
+            fg_mask (Tensor[bool]): (...), which elements are foreground.
+
+        Returns:
+            Tensor: scalar, the loss summed over the foreground elements.
         """
         x = _foreground_residuals(pred_deltas, gt_deltas, fg_mask)
         return smooth_l1_loss(x, torch.zeros_like(x), self.beta, reduction="sum")

@@ -96,13 +96,14 @@ class RetinaMask(RetinaNet):
         in_features = cfg.MODEL.RETINAMASK.MASK_IN_FEATURES
         _check_mask_in_features(in_features, cfg.MODEL.RETINANET.IN_FEATURES, input_shape)
         resolution = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
-        # Eq. 3, level k = floor(4 + log2(sqrt(wh) / 224)) clamped to the pooled levels, is
-        # ROIPooler's level assignment with its default canonical box size and level.
+        # Eq. 3: level k = floor(4 + log2(sqrt(wh) / 224)), clamped to the pooled levels.
         pooler = ROIPooler(
             output_size=resolution,
             scales=tuple(1.0 / input_shape[f].stride for f in in_features),
             sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
             pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE,
+            canonical_box_size=224,
+            canonical_level=4,
         )
         # The mask head predicts one mask per detector class; detectron2's mask heads read the
         # class count from ROI_HEADS, so take it from RETINANET instead of asking for it twice.
@@ -192,12 +193,16 @@ class RetinaMask(RetinaNet):
     def _detect_mask_proposals(self, anchors, pred_logits, pred_anchor_deltas, image_sizes):
         """
         Sec. 3.4: the mask proposals are the detector's own top ``num_mask_proposals_train``
-        detections, RetinaNet's inference on the detached predictions: per level, (Hi * Wi * A, 4)
-        ``anchors``, (N, Hi * Wi * A, K) ``pred_logits`` and (N, Hi * Wi * A, 4) deltas.
+        detections (RetinaNet's inference on the detached predictions).
+
+        Args:
+            anchors (list[Boxes]): per level, (Hi * Wi * A, 4) anchors.
+            pred_logits, pred_anchor_deltas (list[Tensor]): per level, (N, Hi * Wi * A, K)
+                classification logits and (N, Hi * Wi * A, 4) box deltas.
+            image_sizes (list[tuple[int, int]]): (H, W) of each image.
 
         Returns:
-            list[Instances]: per image (H, W) of ``image_sizes``, ``pred_boxes``, ``scores`` and
-            ``pred_classes``.
+            list[Instances]: per image, ``pred_boxes``, ``scores`` and ``pred_classes``.
         """
         # inference_single_image keeps the top max_detections_per_image after NMS.
         max_detections_per_image = self.max_detections_per_image

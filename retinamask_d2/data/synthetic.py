@@ -57,33 +57,34 @@ def _sample_shape(rng, category, image_size):
     if category == "bar":
         # A bar's length is drawn on its own: long and thin whatever its area; >= 2 px thick
         # keeps it a solid band after rasterization.
-        length = np.exp(rng.uniform(np.log(max(20.0, 0.2 * image_size)), np.log(0.9 * image_size)))
-        w, h = length, max(2.0, length / rng.uniform(*_BAR_ASPECT_RANGE))
+        low, high = np.log(max(20.0, 0.2 * image_size)), np.log(0.9 * image_size)
+        length = np.exp(rng.uniform(low, high))
+        thickness = max(2.0, length / rng.uniform(*_BAR_ASPECT_RANGE))
+        vertices = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [length / 2, thickness / 2]
     else:
         size = np.exp(rng.uniform(np.log(0.07 * image_size), np.log(0.9 * image_size)))
-    if category == "ellipse":
-        ratio = rng.uniform(1.0, 2.2)
-        b = size / np.sqrt(np.pi * ratio)
-        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-        vertices = np.stack([ratio * b * np.cos(t), b * np.sin(t)], axis=1)
-    elif category == "rectangle":
-        # Aspect at most 3, well apart from the bars, so that the classes stay separable.
-        ratio = rng.uniform(1.0, 3.0)
-        w, h = size * np.sqrt(ratio), size / np.sqrt(ratio)
-    elif category == "triangle":
-        # Jittered corners of an equilateral triangle of area size**2: no slivers.
-        angles = np.array([0.0, 2, 4]) * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
-        radii = size / 1.14 * rng.uniform(0.85, 1.15, 3)
-    elif category == "star":
-        points = int(rng.integers(5, 8))
-        inner = rng.uniform(0.4, 0.6)
-        outer = size / np.sqrt(points * inner * np.sin(np.pi / points))
-        angles = np.arange(2 * points) * np.pi / points
-        radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner * outer)
-    if category in ("bar", "rectangle"):
-        vertices = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [w / 2, h / 2]
-    elif category != "ellipse":
-        vertices = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+        if category == "ellipse":
+            ratio = rng.uniform(1.0, 2.2)
+            b = size / np.sqrt(np.pi * ratio)
+            t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+            vertices = np.stack([ratio * b * np.cos(t), b * np.sin(t)], axis=1)
+        elif category == "rectangle":
+            # Aspect at most 3, well apart from the bars, so that the classes stay separable.
+            ratio = rng.uniform(1.0, 3.0)
+            w, h = size * np.sqrt(ratio), size / np.sqrt(ratio)
+            vertices = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
+        else:
+            if category == "triangle":
+                # Jittered corners of an equilateral triangle of area size**2: no slivers.
+                angles = np.array([0.0, 2, 4]) * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
+                radii = size / 1.14 * rng.uniform(0.85, 1.15, 3)
+            else:  # star
+                points = int(rng.integers(5, 8))
+                inner = rng.uniform(0.4, 0.6)
+                outer = size / np.sqrt(points * inner * np.sin(np.pi / points))
+                angles = np.arange(2 * points) * np.pi / points
+                radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner * outer)
+            vertices = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
     if category in ("bar", "rectangle") and rng.random() < 0.5:
         angle = float(rng.integers(0, 2)) * np.pi / 2  # axis-aligned, the easy case for anchors
     else:

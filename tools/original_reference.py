@@ -20,6 +20,7 @@ import sys
 import types
 import urllib.parse
 
+import numpy as np
 import torch
 import torch.distributed
 import torch.hub
@@ -87,6 +88,7 @@ def _install_compatibility():
     model_zoo._download_url_to_file = torch.hub.download_url_to_file
     model_zoo.urlparse = urllib.parse.urlparse
     model_zoo.HASH_REGEX = torch.hub.HASH_REGEX
+    np.float, np.int = float, int  # numpy aliases removed in 1.24
 
 
 def load_maskrcnn_benchmark(checkout: str) -> types.ModuleType:

@@ -2,19 +2,14 @@
 """
 Set up what scripts/quickstart.sh and scripts/test.sh need, installing only what is missing:
 
-    python3 scripts/setup_env.py [--plan] [EXTRA ...]     # e.g. `test export`
+    python3 scripts/setup_env.py [--plan] [EXTRA ...]
 
-1. setuptools >= 70.1 (builds wheels by itself) and < 81 (detectron2 imports pkg_resources);
-2. torch and torchvision, the tested pair, unless a working pair is installed;
-3. detectron2 at a pinned commit, built against that torch, from $DETECTRON2_SRC (a local
-   checkout) if set, else from GitHub;
-4. this clone, editable, with the EXTRAs, unless already installed from here with them.
-
-It installs into $PYTHON if set; else the active virtual or conda environment; else the python3
-on PATH unless that is externally managed (PEP 668); else .venv in the clone, created on first use.
-On success it prints that interpreter on stdout, and nothing else. --plan prints the interpreter
-and the installs it would run, and changes nothing. pip's output goes to output/setup_env.log;
-a failure is one line saying what to do. Standard library only, Python 3.9+.
+setuptools>=70.1,<81; the tested torch/torchvision pair, unless a working pair is installed;
+detectron2 at a pinned commit, built against that torch, from $DETECTRON2_SRC (a local checkout)
+or GitHub; this clone, editable, with the EXTRAs. Into $PYTHON if set; else the active virtual or
+conda env; else the python3 on PATH unless it is externally managed (PEP 668); else .venv here.
+Prints that interpreter on stdout (--plan: the installs it would run, changing nothing). pip's
+output goes to output/setup_env.log; a failure is one line. Standard library only, Python 3.9+.
 """
 
 import argparse
@@ -167,6 +162,13 @@ def _output(python, *args):
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def probe(python, extras):
+    facts = json.loads(_output(python, "-c", PROBE, ROOT, *extras) or "null")
+    if facts is None:
+        raise SetupError(f"{python} does not run: set PYTHON to a working interpreter")
+    return facts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", action="store_true", help="print the installs; change nothing")
@@ -176,11 +178,15 @@ def main(argv=None):
     python, why = choose_python(env)
     if args.plan:
         print(f"python: {python} ({why})")
-    if not os.path.exists(python) and why.startswith(".venv"):
+    if not os.path.exists(python):
+        if not why.startswith(".venv"):
+            raise SetupError(f"{python} ({why}) does not exist: set PYTHON to an interpreter")
         venv = os.path.dirname(os.path.dirname(python))
         base = shutil.which("python3", path=env.get("PATH", os.defpath)) or sys.executable
-        if args.plan:
+        if args.plan:  # and what a new venv holds
             print(f"create: {base} -m venv {venv}")
+            facts = dict(executable=python, version=sys.version_info[:2], pip=True)
+            facts.update(setuptools=False, torch=False, detectron2=False, package=False)
         else:
             print(f"setup: creating {venv}: {why.split('; ')[1]}", file=sys.stderr)
             if subprocess.call([base, "-m", "venv", venv], stdout=subprocess.DEVNULL):
@@ -188,22 +194,12 @@ def main(argv=None):
                     f"{base} -m venv failed: install the venv module (Debian, Ubuntu: "
                     "`apt-get install python3-venv`), or set PYTHON to an interpreter to use"
                 )
-    elif not os.path.exists(python):
-        raise SetupError(f"{python} ({why}) does not exist: set PYTHON to an interpreter to use")
     if os.path.exists(python):
-        facts = json.loads(_output(python, "-c", PROBE, ROOT, *args.extras) or "null")
-        if facts is None:
-            raise SetupError(f"{python} ({why}) does not run: set PYTHON to a working interpreter")
-    else:  # --plan, with the .venv still to create: what a new one holds
-        facts = dict(executable=python, version=sys.version_info[:2], pip=True)
-        facts.update(setuptools=False, torch=False, detectron2=False, package=False)
+        facts = probe(python, args.extras)
     steps = plan(facts, args.extras, env)
     check(steps, facts, env)
     if args.plan:
-        for name, arguments in steps:
-            print(f"install {name}: {' '.join(arguments)}")
-        if not steps:
-            print("nothing to install")
+        print("\n".join(f"install {n}: {' '.join(a)}" for n, a in steps) or "nothing to install")
         return
     log_file = os.path.join(ROOT, LOG)
     if steps:
@@ -220,6 +216,9 @@ def main(argv=None):
             with open(log_file) as log:
                 log.seek(start)
                 raise SetupError(failure(name, log.read()))
+    broken = steps and [name for name, _ in plan(probe(python, args.extras), args.extras, env)]
+    if broken:  # e.g. a torchvision whose compiled ops do not match the torch pip kept
+        raise SetupError(f"installed, yet {', '.join(broken)} still does not work (see {log_file})")
     done = "installed what was missing" if steps else "everything was already installed"
     print(f"setup: {done} in {facts['executable']} ({why})", file=sys.stderr)
     print(facts["executable"])

@@ -52,3 +52,19 @@ def seeded():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def dist_url(monkeypatch):
+    """
+    A ``tcp://`` rendezvous URL whose store this process serves, on the port the kernel gave it
+    (bound to port 0), as torchrun's agent serves it: processes started from here connect to it
+    as clients (TORCHELASTIC_USE_AGENT_STORE), so no port is found free, released and then bound
+    by a process that another may have beaten to it.
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    yield f"tcp://127.0.0.1:{store.port}"
+    del store

@@ -309,17 +309,18 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
 
     if __name__ == "__main__":
         args = train_net.argument_parser().parse_args()
-        launch(worker, args.num_gpus, dist_url="auto", args=(args,))
+        launch(worker, args.num_gpus, dist_url=args.dist_url, args=(args,))
     """)
 
 
-def test_two_processes_share_the_self_adjusting_beta(datasets_root, tmp_path):
+def test_two_processes_share_the_self_adjusting_beta(datasets_root, dist_url, tmp_path):
     out = str(tmp_path / "out")
     script = tmp_path / "two_process_worker.py"
     script.write_text(_TWO_PROCESS_WORKER)
     result = subprocess.run(
         [
             sys.executable, str(script), "--config-file", CONFIG, "--num-gpus", "2",
+            "--dist-url", dist_url,
             *FAST_OPTS, "OUTPUT_DIR", out, "DATASETS.TEST", "()",
             "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "100",
         ],
@@ -541,7 +542,7 @@ def _error_line(result):
         "empty mask levels, two processes",
     ],
 )
-def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
+def test_bad_input_is_one_line_before_training(case, datasets_root, dist_url, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just some text\n")
     # (flags, KEY VALUE options after FAST_OPTS, config file, expected message)
@@ -557,7 +558,8 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, tmp_path):
         ),
         # Raised in the spawned processes, printed by the launching one.
         "empty mask levels, two processes": (
-            ["--num-gpus", 2], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG,
+            ["--num-gpus", 2, "--dist-url", dist_url], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"],
+            CONFIG,
             "MASK_IN_FEATURES",
         ),
     }[case]  # fmt: skip
@@ -604,19 +606,13 @@ def test_register_coco_trains_with_the_class_count_of_the_json(datasets_root, tm
     assert "coco_2017_val" in line and "built-in" in line
 
 
-def test_two_machines_on_loopback_train_and_finish(datasets_root, tmp_path):
+def test_two_machines_on_loopback_train_and_finish(datasets_root, dist_url, tmp_path):
     out = tmp_path / "out"
-    # The rendezvous store listens on the port the kernel gave it (bound to port 0), here, as
-    # torchrun's agent serves it: both machines connect to it as clients, so no port is picked
-    # free, released, and then bound by a process that another may have beaten to it.
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    url = f"tcp://127.0.0.1:{store.port}"
-    env = dict(_env(datasets_root), OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))  # fmt: skip
+    env = dict(_env(datasets_root), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
             [sys.executable, "train_net.py", "--config-file", CONFIG, "--num-gpus", "1",
-             "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+             "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", dist_url,
              *FAST_OPTS, "OUTPUT_DIR", str(out), "DATASETS.TEST", "()",
              "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -24,9 +24,9 @@ WIDTH, HEIGHT = 40, 30
 
 def write_coco(directory, annotations=(), num_images=2, categories=(1, 2, 3), extension="png"):
     """
-    A COCO instances file and its images (PNG unless ``extension`` says) under ``directory``. Each annotation is a valid
-    10x8 box with its rectangle polygon on image 1, updated with the given dict; ids count from
-    1 unless given.
+    A COCO instances file and its images (PNG unless ``extension`` says) under ``directory``.
+    Each annotation is a valid 10x8 box with its rectangle polygon on image 1, updated with the
+    given dict; ids count from 1 unless given.
 
     Returns:
         (json_file, image_root, coco dict)

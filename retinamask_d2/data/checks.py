@@ -97,8 +97,9 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
     """
     ``DatasetCatalog.get(dataset_name)``, checked for: a missing or unparsable annotation file,
     no images, missing or empty image files, image files that do not decode (every one, see
-    :func:`_decode_problem`), invalid annotations (see :func:`_annotation_problem`) and category ids outside
-    ``[0, num_classes)``. Each raises an InputError naming the file (and annotation) and the fix.
+    :func:`_decode_problem`), invalid annotations (see :func:`_annotation_problem`) and category
+    ids outside ``[0, num_classes)``. Each raises an InputError naming the file (and annotation)
+    and the fix.
     """
     source = _json_file(dataset_name) or f"the loader of {dataset_name!r}"
     json_file = MetadataCatalog.get(dataset_name).get("json_file", None)  # None after a drop

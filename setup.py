@@ -52,7 +52,8 @@ setup(
         "setuptools<81",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.5"],  # tests/test_plot_beta.py
+        # matplotlib: tests/test_plot_beta.py; pytest-random-order: the suite in any order.
+        "test": ["pytest>=7", "matplotlib>=3.5", "pytest-random-order>=1.0"],
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],
         # tools/plot_beta.py
         "plot": ["matplotlib>=3.5"],

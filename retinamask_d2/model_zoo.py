@@ -202,14 +202,20 @@ def _fetch(url: str, local: str, what: str, fix: str, sha256=None, force=False) 
 
 
 def _get_served(name: str, force: bool) -> str:
-    """The local copy of ``$RETINAMASK_MODEL_ZOO_URL/<name>``, checked if registered."""
+    """The local copy of ``$RETINAMASK_MODEL_ZOO_URL/<name>``, checked against its SHA-256."""
+    sha256 = next((sha for path, sha in CHECKPOINTS.values() if path == name), None)
+    if sha256 is None:  # refused before any request: nothing is loaded unchecked
+        raise InputError(
+            f"{PREFIX}{name} is not registered, so it has no SHA-256 to check a download "
+            f"against. Call model_zoo.register_checkpoint(<config name>, {name!r}, "
+            "<sha256sum of the file>) first, or set MODEL.WEIGHTS to a local file."
+        )
     base = os.environ.get(MODEL_ZOO_URL_ENV)
     if not base:
         raise InputError(
             f"${MODEL_ZOO_URL_ENV} is not set, so {PREFIX}{name} has no server. Set it to the "
             "http(s) URL that serves your checkpoints, or set MODEL.WEIGHTS to a local file."
         )
-    sha256 = next((sha for path, sha in CHECKPOINTS.values() if path == name), None)
     fix = f"Check that ${MODEL_ZOO_URL_ENV} is right and serves {name}."
     local = _cached(name)
     with file_lock(local):

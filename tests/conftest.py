@@ -1,7 +1,10 @@
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 # Tests run against the source tree, with or without `pip install -e .`.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,3 +40,31 @@ SMALL_MODEL_OPTS = [
 @pytest.fixture
 def small_cfg():
     return load_config("retinamask_R50.yaml", *SMALL_MODEL_OPTS)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """
+    Each test starts from the same random state, whatever ran before it: weights that
+    build_model initializes, and any unseeded draw, are the same alone and in any order.
+    Module-scoped fixtures are set up before this and seed what they draw themselves.
+    """
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def dist_url(monkeypatch):
+    """
+    A ``tcp://`` rendezvous URL whose store this process serves, on the port the kernel gave it
+    (bound to port 0), as torchrun's agent serves it: processes started from here connect to it
+    as clients (TORCHELASTIC_USE_AGENT_STORE), so no port is found free, released and then bound
+    by a process that another may have beaten to it.
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    yield f"tcp://127.0.0.1:{store.port}"
+    del store

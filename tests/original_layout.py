@@ -26,14 +26,15 @@ def _conv(sd, prefix, out_channels, in_channels, k, gen, bias=True):
         sd[prefix + "bias"] = torch.randn(out_channels, generator=gen) * 0.01
 
 
-def reference_cell_anchors(stride, sizes, ratios=(0.5, 1.0, 2.0)):
+def _reference_cell_anchors(stride, sizes):
     """
     The reference's cell anchors as its generate_anchors defines them: inclusive
-    coordinates, centred on ((stride - 1) / 2, (stride - 1) / 2), aspect ratios outer.
+    coordinates, centred on ((stride - 1) / 2, (stride - 1) / 2), aspect ratios (0.5, 1, 2)
+    outer. tests/test_original.py checks level 0 against a table worked out by hand.
     """
     center = (stride - 1) / 2.0
     anchors = []
-    for ratio in ratios:
+    for ratio in (0.5, 1.0, 2.0):
         w0 = np.round(np.sqrt(stride * stride / ratio))
         h0 = np.round(w0 * ratio)
         for size in sizes:
@@ -90,7 +91,7 @@ def original_state_dict(depth=50, gn=False, groups=1, width_per_group=64, seed=0
 
     for level, stride in enumerate((8, 16, 32, 64, 128)):
         sizes = [32 * 2**level * 2 ** (i / 3) for i in range(3)]
-        sd[f"rpn.anchor_generator.cell_anchors.{level}"] = reference_cell_anchors(stride, sizes)
+        sd[f"rpn.anchor_generator.cell_anchors.{level}"] = _reference_cell_anchors(stride, sizes)
     for tower in ("cls_tower", "bbox_tower"):
         step = 3 if gn else 2  # (conv, [GroupNorm,] ReLU) per layer
         for i in range(4):

@@ -229,7 +229,7 @@ def _distributed_worker(out_dir, batches):
     torch.save(loss_fn.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
 
 
-def test_statistics_are_averaged_across_processes():
+def test_statistics_are_averaged_across_processes(dist_url):
     torch.manual_seed(0)
     # Two processes see different halves of each batch, with different foreground counts.
     batches = []
@@ -246,7 +246,7 @@ def test_statistics_are_averaged_across_processes():
         launch(
             _distributed_worker,
             num_gpus_per_machine=2,
-            dist_url="auto",
+            dist_url=dist_url,
             args=(out_dir, batches),
         )
         states = [torch.load(os.path.join(out_dir, f"rank{r}.pth")) for r in range(2)]

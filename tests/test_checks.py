@@ -22,11 +22,11 @@ from retinamask_d2.data import (
 WIDTH, HEIGHT = 40, 30
 
 
-def write_coco(directory, annotations=(), num_images=2, categories=(1, 2, 3)):
+def write_coco(directory, annotations=(), num_images=2, categories=(1, 2, 3), extension="png"):
     """
-    A COCO instances file and its PNG images under ``directory``. Each annotation is a valid
-    10x8 box with its rectangle polygon on image 1, updated with the given dict; ids count from
-    1 unless given.
+    A COCO instances file and its images (PNG unless ``extension`` says) under ``directory``.
+    Each annotation is a valid 10x8 box with its rectangle polygon on image 1, updated with the
+    given dict; ids count from 1 unless given.
 
     Returns:
         (json_file, image_root, coco dict)
@@ -35,7 +35,7 @@ def write_coco(directory, annotations=(), num_images=2, categories=(1, 2, 3)):
     os.makedirs(image_root, exist_ok=True)
     images = []
     for i in range(num_images):
-        file_name = f"image_{i + 1}.png"
+        file_name = f"image_{i + 1}.{extension}"
         pixels = np.random.RandomState(i).randint(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(image_root, file_name))
         images.append({"id": i + 1, "file_name": file_name, "width": WIDTH, "height": HEIGHT})
@@ -153,13 +153,38 @@ def test_missing_and_empty_image_files(register, tmp_path):
         load_checked_dataset(name, 5)
 
 
-def test_first_image_decodes(register, tmp_path):
-    (tmp_path / "garbage.png").write_bytes(b"not an image")
-    _, root, coco = write_coco(str(tmp_path))
-    coco["images"][0]["file_name"] = str(tmp_path / "garbage.png")
+def _truncate(path, fraction):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("extension", ["png", "jpg"])
+def test_every_image_is_decoded(register, tmp_path, extension):
+    # The third image of four: a check of the first image only would pass. Its last tenth is
+    # missing, which only a decoder that reads the whole file sees.
+    _, root, coco = write_coco(str(tmp_path), [{}], num_images=4, extension=extension)
+    _truncate(tmp_path / "images" / f"image_3.{extension}", 0.9)
     name, _ = register(coco, root)
-    with pytest.raises(InputError, match=r"garbage\.png.*cannot be decoded"):
-        load_checked_dataset(name, 5)
+    with pytest.raises(InputError) as info:
+        check_datasets([name], 3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"1 image file(s) of dataset '{name}' (")
+    assert re.search(rf"cannot be decoded: \S*image_3\.{extension} \(.+\)\. Replace them", message)
+    assert "image_1" not in message and "image_4" not in message
+
+
+def test_undecodable_images_are_counted(register, tmp_path):
+    _, root, coco = write_coco(str(tmp_path), num_images=8)
+    (tmp_path / "images" / "image_2.png").write_bytes(b"not an image")
+    for i in range(3, 9):
+        _truncate(tmp_path / "images" / f"image_{i}.png", 0.5)
+    name, _ = register(coco, root)
+    with pytest.raises(InputError, match=r"^7 image file\(s\) of dataset") as info:
+        check_datasets([name], 3)
+    message = str(info.value)
+    assert re.search(r"image_2\.png \(cannot identify image file .*\); \S*image_3\.png", message)
+    assert "image_7" not in message and "; and 2 more." in message
 
 
 def test_category_ids_outside_the_model_classes(register, tmp_path):

@@ -43,11 +43,15 @@ def serve(directory, handler=None):
         thread.join()
 
 
-def _unused_port():
-    # Bound but never listening: a connection to it is refused at once, so no timeout is needed.
+@pytest.fixture
+def refusing_server():
+    """
+    The URL of a port that is bound, and held for the test, but never listens: a connection to
+    it is refused at once, so no timeout is needed, and no other process can take the port.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield "http://127.0.0.1:{}".format(s.getsockname()[1])
 
 
 def _sha256(path):
@@ -80,8 +84,32 @@ def zoo_dir(tmp_path):
 
 
 def test_zoo_url_must_be_set():
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "a" * 64)
     with pytest.raises(InputError, match="RETINAMASK_MODEL_ZOO_URL is not set"):
         PathManager.get_local_path("retinamask://" + ZOO_PATH)
+
+
+def test_unregistered_name_is_refused_before_any_request(zoo_dir, isolated_zoo, monkeypatch):
+    requests = []
+
+    class RecordingHandler(_QuietHandler):
+        def parse_request(self):
+            requests.append(self.raw_requestline.decode().strip())
+            return super().parse_request()
+
+    with serve(zoo_dir, functools.partial(RecordingHandler, directory=str(zoo_dir))) as url:
+        monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
+        with pytest.raises(InputError) as e:
+            PathManager.get_local_path("retinamask://" + ZOO_PATH)
+        assert requests == []
+        # The same server answers the name once it is registered.
+        model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, _sha256(zoo_dir / ZOO_PATH))
+        PathManager.get_local_path("retinamask://" + ZOO_PATH)
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"retinamask://{ZOO_PATH} is not registered" in message
+    assert f"model_zoo.register_checkpoint(<config name>, '{ZOO_PATH}', " in message
+    assert requests == [f"GET /{ZOO_PATH} HTTP/1.1"]
 
 
 def test_download_then_cache_hit_without_server(zoo_dir, isolated_zoo, monkeypatch):
@@ -117,8 +145,9 @@ def test_stale_cached_file_is_downloaded_again(zoo_dir, isolated_zoo, monkeypatc
     assert stale.read_bytes() == (zoo_dir / ZOO_PATH).read_bytes()
 
 
-def test_server_down_error_names_url(monkeypatch):
-    url = "http://127.0.0.1:{}/zoo".format(_unused_port())
+def test_server_down_error_names_url(refusing_server, monkeypatch):
+    url = refusing_server + "/zoo"
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "a" * 64)
     monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
     with pytest.raises(OSError, match="Could not download") as e:
         PathManager.get_local_path("retinamask://" + ZOO_PATH)
@@ -126,6 +155,7 @@ def test_server_down_error_names_url(monkeypatch):
 
 
 def test_path_missing_on_server_names_url(zoo_dir, isolated_zoo, monkeypatch):
+    model_zoo.register_checkpoint(MODEL_CONFIG, "r50/model_0004999.pth", "a" * 64)
     with serve(zoo_dir) as url:
         monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
         with pytest.raises(OSError, match="Could not download .*404") as e:
@@ -146,6 +176,7 @@ def silent_server(monkeypatch):
 
 def test_silent_server_times_out_naming_url(silent_server, monkeypatch):
     url = silent_server + "/zoo"
+    model_zoo.register_checkpoint(MODEL_CONFIG, ZOO_PATH, "a" * 64)
     monkeypatch.setenv("RETINAMASK_MODEL_ZOO_URL", url)
     with pytest.raises(OSError, match="Could not download") as e:
         PathManager.get_local_path("retinamask://" + ZOO_PATH)

@@ -17,13 +17,14 @@ from retinamask_d2.original import (
 )
 
 from conftest import REPO_ROOT, load_config
-from original_layout import original_state_dict, reference_cell_anchors, trainer_checkpoint
+from original_layout import original_state_dict, trainer_checkpoint
 
 
 @pytest.fixture(scope="module")
 def r50():
     """The original R-50 config, its model, and a synthetic checkpoint in the reference's layout."""
     cfg = load_config("original/retinamask_R50.yaml")
+    torch.manual_seed(0)
     return cfg, build_model(cfg).eval(), original_state_dict(depth=50)
 
 
@@ -34,21 +35,69 @@ def _convert(cfg, state_dict, tmp_path, **kwargs):
     return torch.load(dst, weights_only=True)["model"], summary
 
 
-def test_anchor_generator_has_reference_anchors():
-    # The reference's first anchor at stride 8 (size 32, ratio 0.5) is the rounded 11 x 6 cell
-    # shape scaled by 4 around (3.5, 3.5): inclusive (-18, -8, 25, 15).
-    generator = DetectronAnchorGenerator(
-        sizes=[[32, 40.3, 50.8]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[8], offset=0.5
-    )
+# The reference's cell anchors of P3, worked out by hand from its generate_anchors
+# (maskrcnn_benchmark/modeling/rpn/anchor_generator.py) for stride 8, sizes 32 * 2^(i/3) =
+# 32, 40.3175, 50.7968 and ratios 0.5, 1, 2 (configs/Base-RetinaMask.yaml). The base cell
+# (0, 0, 7, 7) has area 64 and centre (3.5, 3.5). _ratio_enum rounds the shape of each ratio r
+# (numpy: halves to even): w = round(sqrt(64 / r)), h = round(w * r), so r = 0.5 is
+# round(11.31) = 11 by round(5.5) = 6, r = 1 is 8 by 8, r = 2 is round(5.66) = 6 by 12.
+# _scale_enum multiplies both by size / 8 = s = 4, 5.0397, 6.3496. A row is
+# (3.5 - (w - 1) / 2, 3.5 - (h - 1) / 2, 3.5 + (w - 1) / 2, 3.5 + (h - 1) / 2), with inclusive
+# x2, y2; ratios outer, sizes inner.
+P3_REFERENCE_ANCHORS = [
+    # r = 0.5: w = 11 s, h = 6 s
+    [-18.0, -8.0, 25.0, 15.0],  # s = 4: 44 x 24
+    [-23.718263, -11.119053, 30.718263, 18.119053],  # 55.436526 x 30.238105
+    [-30.922823, -15.048813, 37.922823, 22.048813],  # 69.845646 x 38.097625
+    # r = 1: w = h = 8 s
+    [-12.0, -12.0, 19.0, 19.0],  # 32 x 32
+    [-16.158737, -16.158737, 23.158737, 23.158737],  # 40.317474 x 40.317474
+    [-21.398417, -21.398417, 28.398417, 28.398417],  # 50.796834 x 50.796834
+    # r = 2: w = 6 s, h = 12 s
+    [-8.0, -20.0, 15.0, 27.0],  # 24 x 48
+    [-11.119053, -26.238105, 18.119053, 33.238105],  # 30.238105 x 60.476210
+    [-15.048813, -34.097625, 22.048813, 41.097625],  # 38.097625 x 76.195250
+]
+# detectron2's order (sizes outer, ratios inner) of the reference's rows.
+PERM = [0, 3, 6, 1, 4, 7, 2, 5, 8]
+
+
+def test_anchor_generator_has_reference_anchors(r50):
+    cfg, model, _ = r50
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES[0] == [32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)]
+    generator = model.anchor_generator
+    assert isinstance(generator, DetectronAnchorGenerator)
     cell = next(iter(generator.cell_anchors))
     assert cell[0].tolist() == [-22.0, -12.0, 22.0, 12.0]
-    first = generator([torch.zeros(1, 1, 2, 2)])[0].tensor[0]
-    assert first.tolist() == [-18.0, -8.0, 26.0, 16.0]
-    # Sizes outer, ratios inner: the reference's rows reordered, x2 and y2 plus one.
-    reference = reference_cell_anchors(8, [32, 40.3, 50.8])
-    perm = [0, 3, 6, 1, 4, 7, 2, 5, 8]
-    expected = reference[perm] + torch.tensor([0.0, 0.0, 1.0, 1.0])
-    torch.testing.assert_close(cell + 4.0, expected)
+    # The anchors of cell (0, 0) are the reference's, reordered, with x2 and y2 plus one.
+    first_cell = generator([torch.zeros(1, 1, 2, 2)])[0].tensor[:9]
+    expected = torch.tensor(P3_REFERENCE_ANCHORS)[PERM] + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(first_cell, expected, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_with_the_reference_anchors_converts(r50, tmp_path):
+    cfg, _, original = r50
+    table = torch.tensor(P3_REFERENCE_ANCHORS)
+    # The synthetic checkpoints' anchors, level 0 here, follow the reference's formula.
+    torch.testing.assert_close(original["rpn.anchor_generator.cell_anchors.0"], table)
+    original = dict(original, **{"rpn.anchor_generator.cell_anchors.0": table})
+    _, summary = _convert(cfg, original, tmp_path)
+    assert "rpn.anchor_generator.cell_anchors.0" in summary["dropped"]
+
+
+@pytest.mark.parametrize("row, column", [(3, 2), (7, 1)])
+def test_checkpoint_with_an_anchor_one_pixel_off_is_refused(r50, tmp_path, row, column):
+    cfg, _, original = r50
+    table = torch.tensor(P3_REFERENCE_ANCHORS)
+    table[row, column] += 1.0
+    original = dict(original, **{"rpn.anchor_generator.cell_anchors.0": table})
+    with pytest.raises(OriginalCheckpointError) as e:
+        _convert(cfg, original, tmp_path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "the checkpoint's anchors at level 0 (" in message
+    assert "use MODEL.ANCHOR_GENERATOR.NAME DetectronAnchorGenerator with OFFSET 0.5" in message
+    assert not (tmp_path / "converted.pth").exists()
 
 
 def test_every_key_converted_and_loaded(r50, tmp_path):
@@ -129,8 +178,7 @@ def test_head_outputs_decode_to_reference_boxes(r50, tmp_path):
     pw, ph = torch.exp(dw) * widths, torch.exp(dh) * heights
     reference = torch.stack([px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw - 1, py + 0.5 * ph - 1], 1)
 
-    perm = [0, 3, 6, 1, 4, 7, 2, 5, 8]
-    expected = reference[perm] + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    expected = reference[PERM] + torch.tensor([0.0, 0.0, 1.0, 1.0])
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=1e-5)
 
 

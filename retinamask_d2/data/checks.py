@@ -8,14 +8,15 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.structures.masks import polygon_area
+from PIL import Image
 
 from ..config import InputError
 
@@ -95,9 +96,10 @@ def check_datasets(dataset_names: Iterable[str], num_classes: int) -> None:
 def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
     """
     ``DatasetCatalog.get(dataset_name)``, checked for: a missing or unparsable annotation file,
-    no images, missing or empty image files, a first image that does not decode (only the first,
-    to stay fast), invalid annotations (see :func:`_annotation_problem`) and category ids outside
-    ``[0, num_classes)``. Each raises an InputError naming the file (and annotation) and the fix.
+    no images, missing or empty image files, image files that do not decode (every one, see
+    :func:`_decode_problem`), invalid annotations (see :func:`_annotation_problem`) and category
+    ids outside ``[0, num_classes)``. Each raises an InputError naming the file (and annotation)
+    and the fix.
     """
     source = _json_file(dataset_name) or f"the loader of {dataset_name!r}"
     json_file = MetadataCatalog.get(dataset_name).get("json_file", None)  # None after a drop
@@ -123,13 +125,14 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
                 f"{len(bad)} image file(s) of dataset {dataset_name!r} ({source}) are {problem}: "
                 f"{_listed(bad, ', ')}. Check its registered image root, or restore the files."
             )
-    try:
-        read_image(dicts[0]["file_name"])
-    except Exception as e:
+    with ThreadPoolExecutor() as pool:  # Pillow decodes without holding the GIL
+        undecodable = [problem for problem in pool.map(_decode_problem, files) if problem]
+    if undecodable:
         raise InputError(
-            f"Image file {dicts[0]['file_name']} of dataset {dataset_name!r} (listed in {source}) "
-            f"cannot be decoded: {' '.join(str(e).split())}. Replace it with a valid image file."
-        ) from e
+            f"{len(undecodable)} image file(s) of dataset {dataset_name!r} ({source}) cannot be "
+            f"decoded: {_listed(undecodable, '; ')}. Replace them with valid image files, or "
+            f"remove their entries from the dataset's images."
+        )
     if not has_file:  # a dataset with its own loader (or dropped annotations): check the dicts
         _raise_if_invalid(dataset_name, source, _invalid_annotations(dicts=dicts))
 
@@ -146,6 +149,22 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
                     f"the dataset's, or fix the annotation."
                 )
     return dicts
+
+
+def _decode_problem(path: str) -> Optional[str]:
+    """
+    ``"<path> (<error>)"`` if Pillow, which detectron2's ``read_image`` uses, cannot decode the
+    image, else None. A JPEG is decoded at 1/8 scale (Pillow's draft mode): every byte of its
+    compressed data is still read and entropy-decoded, so a truncated or corrupt file fails as
+    in full decoding, for a fraction of the time.
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except Exception as e:
+        return f"{path} ({' '.join(str(e).split()) or type(e).__name__})"
+    return None
 
 
 def drop_invalid_annotations(dataset_names: Iterable[str]) -> Dict[str, int]:

@@ -27,6 +27,7 @@ from detectron2.utils.registry import Registry
 
 from .checkpoint import AtomicDetectionCheckpointer
 from .config import InputError
+from .conventions import build_test_resize
 from .retinamask import RetinaMask
 
 __all__ = [
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # State dict entries of RetinaMask's training only, which detectron2's RetinaNet lacks.
 BOX_ONLY_DROPPED_PREFIXES = ("mask_head.", "box_reg_loss.", "loss_normalizer")
+# MODEL.RETINAMASK keys that change box-only detections (retinamask_d2/conventions.py), with the
+# values that are detectron2's RetinaNet: its test-time resize, boxes clipped after NMS.
+RETINANET_TEST_CONVENTIONS = {"TEST_RESIZE": "detectron2", "CLIP_BEFORE_NMS": False}
 
 # (rtol, atol) per output between an exported graph and the eager model, |graph - eager| <=
 # atol + rtol * |eager|: pixels for boxes, probability for scores and masks; pred_classes and
@@ -106,8 +110,8 @@ def box_only_config(cfg):
     Raises:
         InputError: ``cfg`` is not a RetinaMask config, or plain detectron2 cannot build the
             result: it names a component that only retinamask_d2 (or another package)
-            registers, such as the reference's backbone and rounded anchors, or has a key
-            detectron2 does not know.
+            registers, such as the reference's backbone and rounded anchors, has a key
+            detectron2 does not know, or a test-time convention RetinaNet does not have.
     """
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in META_ARCH_REGISTRY or not issubclass(META_ARCH_REGISTRY.get(arch), RetinaMask):
@@ -117,13 +121,18 @@ def box_only_config(cfg):
         )
     box_cfg = cfg.clone()
     box_cfg.defrost()
-    box_cfg.MODEL.pop("RETINAMASK")
+    retinamask = box_cfg.MODEL.pop("RETINAMASK")
     # Box-only RetinaMask is RetinaNet at test time, less its empty boxes (README, "Box-only
-    # deployment"); a subclass (OriginalRetinaMask) keeps its own name and is refused below.
+    # deployment"), with these keys at RetinaNet's values; a subclass keeps its own name.
     box_cfg.MODEL.update(
         META_ARCHITECTURE="RetinaNet" if arch == "RetinaMask" else arch, MASK_ON=False
     )
-    missing = _not_in_detectron2(box_cfg)
+    missing = [
+        f"MODEL.RETINAMASK.{key} {retinamask[key]!r} (RetinaNet's is {value!r})"
+        for key, value in RETINANET_TEST_CONVENTIONS.items()
+        if retinamask[key] != value
+    ]
+    missing += _not_in_detectron2(box_cfg)
     if missing:
         raise InputError(
             f"--format box-only writes a config for plain detectron2, which lacks "
@@ -322,6 +331,7 @@ def _median_time(fn, x, repeats=5):
 def sample_image(cfg, path=""):
     """A test input (3, H, W): ``path``, else the first test image, as the test loader maps it."""
     if path:
-        return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"].float()
+        mapper = DatasetMapper(cfg, is_train=False, augmentations=[build_test_resize(cfg)])
+        return mapper({"file_name": path})["image"].float()
     batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
     return batch[0]["image"].float()

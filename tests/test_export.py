@@ -142,7 +142,12 @@ def test_box_only_export_runs_with_plain_detectron2(checkpoint, tmp_path):
         ("retinamask_R50.yaml", ["BACKBONE.NAME", "ANCHOR_GENERATOR.NAME"]),
         (
             "original/retinamask_R50.yaml",
-            ["META_ARCHITECTURE 'OriginalRetinaMask'", "BACKBONE.NAME", "ANCHOR_GENERATOR.NAME"],
+            [
+                "RETINAMASK.TEST_RESIZE 'reference'",
+                "RETINAMASK.CLIP_BEFORE_NMS True",
+                "BACKBONE.NAME",
+                "ANCHOR_GENERATOR.NAME",
+            ],
         ),
     ],
 )

@@ -209,6 +209,20 @@ def test_graph_matches_eager_at_other_sizes(checkpoint, tmp_path, fmt, mask_on):
         assert masks[:50].flatten(1).any(dim=1).all() and not masks[50:].any()
 
 
+def test_graph_with_the_reference_conventions_matches_eager_at_other_sizes(checkpoint, tmp_path):
+    # The test-time conventions of configs/original: boxes clipped before NMS, to the size of
+    # each input rather than the traced one; inclusive mask boxes; the reference's mask paste.
+    weights, sample, images = checkpoint
+    model = _eager(
+        weights,
+        *["MODEL.RETINAMASK.CLIP_BEFORE_NMS", True, "MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES", True],
+        *["MODEL.RETINAMASK.MASK_PASTE", "reference"],
+    )
+    path, names = trace_graph(model, _as_input(sample), "torchscript", str(tmp_path))
+    graph = load_graph(path, names)
+    check_graph(model, graph, [_as_input(p) for p in images], GRAPH_TOLERANCE["torchscript"])
+
+
 def test_a_graph_with_unaligned_roialign_fails_the_check(checkpoint, tmp_path):
     # Detectron2's default ONNX opset 11 makes this graph: the mask pooler's RoIAlign without
     # aligned=True (ROIAlign instead of ROIAlignV2).

@@ -224,8 +224,18 @@ class RetinaMask(RetinaNet):
             anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
         )
         if self.clip_before_nms:
-            boxes = pred.pred_boxes.tensor.clamp(min=0)
-            pred.pred_boxes.tensor = torch.min(boxes, boxes.new_tensor([w, h, w, h]))
+            # Clamped to w and h as they are: a traced graph keeps the image size an input
+            # (a tensor made from them would be a constant of the traced size).
+            x1, y1, x2, y2 = pred.pred_boxes.tensor.unbind(dim=1)
+            pred.pred_boxes.tensor = torch.stack(
+                [
+                    x1.clamp(min=0, max=w),
+                    y1.clamp(min=0, max=h),
+                    x2.clamp(min=0, max=w),
+                    y2.clamp(min=0, max=h),
+                ],
+                dim=1,
+            )
         return pred
 
     @torch.no_grad()

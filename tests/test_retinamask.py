@@ -272,6 +272,7 @@ def _real_image(path):
 
 def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
     retinamask = build_model(small_cfg)
     # A few training steps so that the loss statistics and weights are not at their defaults.
     batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
@@ -305,10 +306,53 @@ def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
 
     image = torch.as_tensor(_real_image(tmp_path / "shapes.png").transpose(2, 0, 1).copy())
     a, b = _inference(box_only, image.float()), _inference(stock, image.float())
-    assert len(a) == 100
+    # None of RetinaNet's top 100 is empty (detector_postprocess would have dropped it).
+    assert len(a) == len(b) == 100
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
     assert torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+@pytest.mark.parametrize("points", [True, False], ids=["no-overlap", "overlapping"])
+def test_box_only_returns_retinanets_detections_then_those_retinanet_lost_to_empty_boxes(
+    small_cfg, points
+):
+    # Boxes of zero area inside the image are dropped before each level's top-k and NMS by
+    # RetinaMask, after NMS and the top 100 by RetinaNet (detector_postprocess). Every box is
+    # moved one anchor width right (dx 10 in units (10, 10, 5, 5)), which takes the boxes of
+    # anchors near the right edge out of the image, and top-k is above the number of anchors.
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 100000
+    small_cfg.MODEL.MASK_ON = False
+    torch.manual_seed(0)
+    box_only = build_model(small_cfg)
+    with torch.no_grad():
+        box_only.head.bbox_pred.bias.view(-1, 4)[:, 0] = 10.0
+        # Shrunk to 1/150 of their anchor, no two boxes overlap: no empty box suppresses
+        # another in NMS. At full size, empty boxes suppress boxes that are inside the image.
+        box_only.head.bbox_pred.bias.view(-1, 4)[:, 2:] = -25.0 if points else 0.0
+    stock_cfg = small_cfg.clone()
+    stock_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    stock = build_model(stock_cfg)
+    stock.load_state_dict(box_only.state_dict(), strict=False)
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(0)) * 255
+    a, b = _inference(box_only, image), _inference(stock, image)
+    assert len(a) == 100 and 0 < len(b) < 100  # some of RetinaNet's top 100 were empty
+
+    ours, theirs = _detections(a), _detections(b)
+    if points:
+        # RetinaNet's detections are RetinaMask's first ones; the extras rank below them.
+        assert ours[: len(theirs)] == theirs
+    else:
+        # RetinaMask keeps boxes that RetinaNet suppressed with an empty box, and those can
+        # suppress some of RetinaNet's detections in turn.
+        assert set(theirs) - set(ours)
+
+
+def _detections(instances):
+    """(box, score, class) of each detection, in order."""
+    boxes = map(tuple, instances.pred_boxes.tensor.tolist())
+    return list(zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist()))
 
 
 def test_loss_statistics_are_in_the_checkpoint(small_cfg):

@@ -101,7 +101,10 @@ def test_inclusive_mask_boxes_take_the_level_of_the_full_box(side, level):
 
 def test_inclusive_mask_boxes_pool_the_inclusive_box_without_alignment():
     model, _ = _model_with_level_features(
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", 2
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "ROIAlign",
+        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO",
+        2,
     )
     torch.manual_seed(1)
     features = [torch.randn(1, 64, 512 >> k, 512 >> k) for k in range(3, 8)]

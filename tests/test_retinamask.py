@@ -127,6 +127,29 @@ def test_box_reg_loss_weight_scales_only_the_box_loss(small_cfg):
         torch.testing.assert_close(weighted[name], unweighted[name])
 
 
+def test_loss_cls_normalizer_adds_the_images_as_the_reference(small_cfg):
+    assert small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER == "positives+images"
+    batch = _batch(_instances([[10, 10, 60, 50]], [0]), _instances([[70, 20, 150, 30]], [2]))
+    model = build_model(small_cfg)
+    state = copy.deepcopy(model.state_dict())
+    with_images = _train_step(model, batch)
+    normalizer = model.loss_normalizer.item()  # the EMA of #positives this step divided by
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "positives"
+    plain_model = build_model(small_cfg)
+    plain_model.load_state_dict(state)
+    plain = _train_step(plain_model, batch)
+    torch.testing.assert_close(
+        with_images["loss_cls"], plain["loss_cls"] * normalizer / (normalizer + 2)
+    )
+    for name in ("loss_box_reg", "loss_mask"):
+        torch.testing.assert_close(with_images[name], plain[name])
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "images"
+    with pytest.raises(InputError, match="LOSS_CLS_NORMALIZER is 'images'; set it to"):
+        build_model(small_cfg)
+
+
 def test_mask_loss_trains_the_shared_features(small_cfg):
     model = build_model(small_cfg)
     losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))

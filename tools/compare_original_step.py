@@ -39,7 +39,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from retinamask_d2 import get_retinamask_cfg
+from retinamask_d2 import InputError, get_retinamask_cfg
+from retinamask_d2.engine import one_line_errors
 from retinamask_d2.original import _rename, convert_original_file
 
 # Per image: (width, height) and its objects as (COCO category id, polygon x1, y1, x2, y2, ...).
@@ -156,78 +157,33 @@ def _check(name, ok, text):
     return ok
 
 
-def _relative(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
+def _note(name, text):
+    print(f"{name:<20}       {text}")
 
 
-def compare(cfg, model, losses, seen, ref) -> bool:
-    """Print one line per check (and per image for anchors); True when all meet their targets."""
-    ok = True
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    sizes, ratios = cfg.MODEL.ANCHOR_GENERATOR.SIZES[0], cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0]
-    # As the converter's perm: detectron2's cell anchor (size s, ratio r) is s * R + r, the
-    # reference's r * S + s.
-    order = [r * len(sizes) + s for s in range(len(sizes)) for r in range(len(ratios))]
-    counts = [len(a) for a in seen["anchors"]]
-    ok &= _check(
-        "anchors",
-        counts == ref["anchors_per_level"],
-        f"per level {counts}, reference {ref['anchors_per_level']}",
-    )
+# The head's last convolutions, whose output channels are (anchor, per-anchor values).
+_HEAD_OUTPUTS = [f"head.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")]
+# Parts of the network, by parameter name prefix (the first that matches).
+_PARTS = {
+    "resnet": "backbone.bottom_up.",
+    "fpn": "backbone.",
+    "class head": "head.cls_",
+    "box head": "head.bbox_",
+    "mask head": "mask_head.",
+}
 
-    def ours(x):  # reference anchor order -> detectron2's
-        levels = torch.split(x, ref["anchors_per_level"])
-        return torch.cat([v.unflatten(0, (-1, len(order)))[:, order].flatten(0, 1) for v in levels])
 
-    anchors = Boxes.cat(seen["anchors"]).tensor
-    for i, (labels, gt_boxes) in enumerate(zip(seen["labels"], seen["gt_boxes"])):
-        r = ours(ref["labels"][i])
-        r = torch.where(r > 0, r - 1, torch.where(r == 0, num_classes, -1))
-        pos, ref_pos = (labels >= 0) & (labels < num_classes), (r >= 0) & (r < num_classes)
-        ign, ref_ign = labels == -1, r == -1
-        ok &= _check(
-            f"anchor labels {i + 1}",
-            torch.equal(labels, r),
-            f"{int(pos.sum())} positive, {int(ign.sum())} ignored (reference {int(ref_pos.sum())}, "
-            f"{int(ref_ign.sum())}); {int((labels != r).sum())} of {len(r)} labels differ",
-        )
-        both = pos & ref_pos
-        deltas = model.box2box_transform.get_deltas(anchors[both], gt_boxes[both])
-        diff = (deltas - ours(ref["regression_targets"][i])[both]).abs().max().item()
-        ok &= _check(
-            f"box targets {i + 1}",
-            diff <= 1e-4,
-            f"max |difference| {diff:.2e} over {int(both.sum())} positive anchors (target 1e-4)",
-        )
-
-    for name in ("loss_cls", "loss_box_reg", "loss_mask"):
-        ours_, theirs = losses[name].item(), ref["losses"][name]
-        rel = _relative(ours_, theirs)
-        ok &= _check(
-            name,
-            rel <= 1e-4,
-            f"{ours_:.7g} vs {theirs:.7g}, relative difference {rel:.1e} (target 1e-4)",
-        )
-
-    for name in ("running_mean", "running_var"):
-        ours_, theirs = getattr(model.box_reg_loss, name), ref["box_reg_stats"][name]
-        rel = ((ours_ - theirs).abs() / theirs.abs().clamp(min=1e-12)).max().item()
-        ok &= _check(
-            f"box_reg {name}",
-            rel <= 1e-5,
-            f"{[round(v, 6) for v in ours_.tolist()]} vs {[round(v, 6) for v in theirs.tolist()]}, relative difference {rel:.1e} (target 1e-5)",
-        )
-
+def gradient_cosines(model, ref_gradients, order):
+    """
+    Per parameter of ``model``, the cosine between its gradient and the reference's, mapped as
+    the converter maps the weights (names, the head's anchor order, the mask predictor's
+    background row); and the parameters with a gradient on one side only.
+    """
     params = dict(model.named_parameters())
     cosines, unmatched = {}, []
-    for ref_name, g in ref["gradients"].items():
+    for ref_name, g in ref_gradients.items():
         name = _rename(ref_name)
-        if name in (
-            "head.cls_score.weight",
-            "head.cls_score.bias",
-            "head.bbox_pred.weight",
-            "head.bbox_pred.bias",
-        ):
+        if name in _HEAD_OUTPUTS:
             g = g.unflatten(0, (len(order), -1))[order].flatten(0, 1)
         if name.startswith("mask_head.predictor."):
             g = g[1:]  # the reference's background class
@@ -238,6 +194,67 @@ def compare(cfg, model, losses, seen, ref) -> bool:
         norms = a.norm() * b.norm()
         cosines[name] = (a @ b / norms).item() if norms > 0 else float(torch.equal(a, b))
     unmatched += [n for n, p in params.items() if p.grad is not None and n not in cosines]
+    return cosines, unmatched
+
+
+def compare(cfg, model, losses, seen, ref) -> bool:
+    """Print one line per check (per image for anchors); True when all meet their targets."""
+    ok = True
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    num_sizes = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
+    num_ratios = len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+    # As the converter's perm: detectron2's cell anchor (size s, ratio r) is s * R + r, the
+    # reference's r * S + s.
+    order = [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
+    counts = [len(a) for a in seen["anchors"]]
+    sizes = [list(x.image_size) for x in seen["mask_rois"]]
+    ok &= _check(
+        "images and anchors",
+        counts == ref["anchors_per_level"] and sizes == ref["image_sizes"],
+        f"image sizes {sizes}, anchors per level {counts}; reference {ref['image_sizes']}, "
+        f"{ref['anchors_per_level']}",
+    )
+
+    def ours(x):  # reference anchor order -> detectron2's
+        levels = torch.split(x, ref["anchors_per_level"])
+        return torch.cat([v.unflatten(0, (-1, len(order)))[:, order].flatten(0, 1) for v in levels])
+
+    anchors = Boxes.cat(seen["anchors"]).tensor
+    for i, (labels, gt_boxes) in enumerate(zip(seen["labels"], seen["gt_boxes"])):
+        r = ours(ref["labels"][i])  # classes 1..K, 0 background, -1 ignored
+        r = torch.where(r > 0, r - 1, torch.where(r == 0, num_classes, -1))
+        pos, ref_pos = (labels >= 0) & (labels < num_classes), (r >= 0) & (r < num_classes)
+        ok &= _check(
+            f"anchor labels {i + 1}",
+            torch.equal(labels, r),
+            f"{int(pos.sum())} positive, {int((labels == -1).sum())} ignored (reference "
+            f"{int(ref_pos.sum())}, {int((r == -1).sum())}); {int((labels != r).sum())} of "
+            f"{len(r)} labels differ",
+        )
+        both = pos & ref_pos
+        deltas = model.box2box_transform.get_deltas(anchors[both], gt_boxes[both])
+        diff = (deltas - ours(ref["regression_targets"][i])[both]).abs().max().item()
+        ok &= _check(
+            f"box targets {i + 1}",
+            diff <= 1e-4,
+            f"max |difference| {diff:.1e} over {int(both.sum())} positive anchors (target 1e-4)",
+        )
+
+    for name in ("loss_cls", "loss_box_reg", "loss_mask"):
+        a, b = losses[name].item(), ref["losses"][name]
+        rel = abs(a - b) / abs(b)
+        ok &= _check(name, rel <= 1e-4, f"{a:.7g} vs {b:.7g}, relative difference {rel:.1e}")
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(model.box_reg_loss, name), ref["box_reg_stats"][name]
+        rel = ((a - b).abs() / b.abs()).max().item()
+        ok &= _check(
+            f"box_reg {name}",
+            rel <= 1e-5,
+            f"{[round(v, 6) for v in a.tolist()]} vs {[round(v, 6) for v in b.tolist()]}, "
+            f"relative difference {rel:.1e} (target 1e-5)",
+        )
+
+    cosines, unmatched = gradient_cosines(model, ref["gradients"], order)
     worst = sorted(cosines.items(), key=lambda kv: kv[1])
     low = [f"{n} {c:.6f}" for n, c in worst if c < 0.9999]
     ok &= _check(
@@ -247,17 +264,23 @@ def compare(cfg, model, losses, seen, ref) -> bool:
         f"{len(low)} below 0.9999{': ' + ', '.join(low[:6]) if low else ''}"
         f"{'; without a partner: ' + ', '.join(unmatched) if unmatched else ''}",
     )
+    lowest = {}
+    for name, c in cosines.items():
+        part = next(p for p, prefix in _PARTS.items() if name.startswith(prefix))
+        lowest[part] = min(c, lowest.get(part, 1.0))
+    _note("", "min cosine by part: " + ", ".join(f"{p} {c:.7f}" for p, c in lowest.items()))
 
-    # Not checks: where the mask proposals come from, to find the cause of a loss_mask miss.
+    # Not checks: where the mask RoIs come from, to find the cause of a loss_mask miss.
     for i, (dets, rois) in enumerate(zip(seen["detections"], seen["mask_rois"])):
         theirs = ref["detections"][i]
-        boxes = theirs["boxes"] + theirs["boxes"].new_tensor([0, 0, 1, 1])
+        boxes = theirs["boxes"] + theirs["boxes"].new_tensor([0, 0, 1, 1])  # inclusive x2, y2
         same = pairwise_iou(dets.pred_boxes, Boxes(boxes)) > 0.999
         same &= dets.pred_classes[:, None] == theirs["labels"][None, :] - 1
-        ref_rois = int((ref["mask_proposals"][i]["labels"] > 0).sum())
-        print(
-            f"{'mask proposals ' + str(i + 1):<20}       {len(dets)} detections, {int(same.any(1).sum())} "
-            f"of them among the reference's {len(boxes)}; {len(rois)} mask RoIs (reference {ref_rois})"
+        _note(
+            f"mask proposals {i + 1}",
+            f"{len(dets)} detections, {int(same.any(1).sum())} of them among the reference's "
+            f"{len(boxes)}; {len(rois)} mask RoIs (reference "
+            f"{int((ref['mask_proposals'][i]['labels'] > 0).sum())})",
         )
     return ok
 
@@ -282,24 +305,33 @@ def main(argv=None):
         print(f"Wrote {len(_BATCH)} images and {BATCH_JSON} to {args.output}.")
         return 0
 
-    cfg = get_retinamask_cfg(args.config_file, args.opts)
-    cfg.MODEL.DEVICE = "cpu"
-    if args.original_weights:
-        name = os.path.splitext(os.path.basename(args.original_weights))[0]
-        cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(args.reference), f"{name}_converted.pth")
-        convert_original_file(cfg, args.original_weights, cfg.MODEL.WEIGHTS)
-    ref = torch.load(args.reference, map_location="cpu", weights_only=True)
+    with one_line_errors():
+        for path, what in [
+            (os.path.join(args.batch, BATCH_JSON), "--batch holds no batch: write it with `batch`"),
+            (args.reference, "--reference does not exist: write it with original_reference.py"),
+        ]:
+            if not os.path.isfile(path):
+                raise InputError(f"{what} ({path}).")
+        cfg = get_retinamask_cfg(args.config_file, args.opts)
+        cfg.MODEL.DEVICE = "cpu"
+        if args.original_weights:
+            name = os.path.splitext(os.path.basename(args.original_weights))[0]
+            cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(args.reference), f"{name}_d2.pth")
+            convert_original_file(cfg, args.original_weights, cfg.MODEL.WEIGHTS)
+        ref = torch.load(args.reference, map_location="cpu", weights_only=True)
     num_positives = sum(int((x > 0).sum()) for x in ref["labels"])
     model, losses, seen = run_step(cfg, args.batch, num_positives)
     print(f"{args.config_file} with {cfg.MODEL.WEIGHTS} against {args.reference}:")
     ok = compare(cfg, model, losses, seen, ref)
     # By design, not a check: RetinaNet's EMA of the number of positive anchors divides the
-    # losses; aligned above by starting it at the reference's count.
-    default = 0.9 * 100 + 0.1 * num_positives
-    print(
-        f"{'EMA normaliser':<20}       started at the reference's {num_positives} positive anchors;"
-        f" from its initial 100 this step would divide by {default:.1f}: loss_box_reg x "
-        f"{num_positives / default:.4f}"
+    # losses; aligned in run_step by starting it at the reference's count.
+    ema = 0.9 * 100 + 0.1 * num_positives
+    images = len(ref["labels"]) if model.loss_cls_adds_images else 0
+    _note(
+        "EMA normaliser",
+        f"started at the reference's {num_positives} positive anchors; from its initial 100, "
+        f"this step's loss_box_reg would be x {num_positives / ema:.4f}, loss_cls x "
+        f"{(num_positives + images) / (ema + images):.4f}",
     )
     return 0 if ok else 1
 

@@ -130,8 +130,7 @@ def _load_batch(cfg, batch_dir):
     # Their transforms applied here: later torchvision's CocoDetection would apply them twice.
     dataset = COCODataset(os.path.join(batch_dir, "annotations.json"), batch_dir, False)
     images, targets = zip(*(to_input(*dataset[i][:2]) for i in range(len(dataset))))
-    file_names = [dataset.get_img_info(i)["file_name"] for i in range(len(dataset))]
-    return to_image_list(images, cfg.DATALOADER.SIZE_DIVISIBILITY), list(targets), file_names
+    return to_image_list(images, cfg.DATALOADER.SIZE_DIVISIBILITY), list(targets)
 
 
 @torch.no_grad()
@@ -150,6 +149,11 @@ def _calibrate(model, images, targets, seed):
     for m in norms:
         m.weight.uniform_(0.8, 1.2)
         m.bias.normal_(0.0, 0.1)
+    # Residual branches start small, as in a trained ResNet: a deep stack of unit-gain blocks
+    # is chaotic, and float rounding alone would then turn its gradients.
+    for name, m in model.backbone.body.named_modules():
+        if name.endswith(".bn3"):
+            m.weight.uniform_(0.1, 0.3)
 
     def take_statistics(m, inputs):
         m.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
@@ -233,7 +237,7 @@ def train_step(args):
     cfg.merge_from_list(["MODEL.DEVICE", "cpu"])
     torch.manual_seed(args.seed)
     model = build_detection_model(cfg)
-    images, targets, file_names = _load_batch(cfg, args.batch)
+    images, targets = _load_batch(cfg, args.batch)
     if args.init_weights:
         _calibrate(model, images, targets, args.seed)
         torch.save({"model": model.state_dict()}, args.init_weights)
@@ -256,8 +260,7 @@ def train_step(args):
     stats = model.rpn.loss_evaluator.regression_loss
     result = {
         "config_file": args.config_file,
-        "file_names": file_names,
-        "image_sizes": [tuple(s) for s in images.image_sizes],
+        "image_sizes": [list(s) for s in images.image_sizes],
         "anchors_per_level": [len(a) for a in anchors[0][0]],
         "labels": [x.to(torch.int64) for x in labels],
         "regression_targets": regression_targets,

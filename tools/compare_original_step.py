@@ -39,7 +39,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from retinamask_d2 import InputError, get_retinamask_cfg
+from retinamask_d2 import InputError, SelfAdjustingSmoothL1Loss, get_retinamask_cfg
 from retinamask_d2.engine import one_line_errors
 from retinamask_d2.original import _rename, convert_original_file
 
@@ -119,8 +119,9 @@ def run_step(cfg, batch_dir: str, num_positives: int):
     Returns:
         model, losses (dict of scalar tensors), and what the step computed: "anchors" (per
         level Boxes), "labels" and "gt_boxes" (per image, from label_anchors), "detections"
-        (per image, the detections among the mask proposals) and "mask_rois" (per image,
-        the Instances the mask head is trained on).
+        (per image, the detections among the mask proposals), "mask_rois" (per image,
+        the Instances the mask head is trained on) and "box_reg_args" (what the box
+        regression loss was called with).
     """
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
@@ -142,6 +143,7 @@ def run_step(cfg, batch_dir: str, num_positives: int):
 
     model.label_anchors, model._detect_mask_proposals = record_labels, record_detections
     model.mask_head.register_forward_pre_hook(lambda m, args: seen.update(mask_rois=args[1]))
+    model.box_reg_loss.register_forward_pre_hook(lambda m, args: seen.update(box_reg_args=args))
     # The EMA normaliser (momentum 0.9) divides this step by num_positives when it starts there.
     model.loss_normalizer.fill_(num_positives)
     model.train()
@@ -269,6 +271,23 @@ def compare(cfg, model, losses, seen, ref) -> bool:
         part = next(p for p, prefix in _PARTS.items() if name.startswith(prefix))
         lowest[part] = min(c, lowest.get(part, 1.0))
     _note("", "min cosine by part: " + ", ".join(f"{p} {c:.7f}" for p, c in lowest.items()))
+
+    # By design, not a check: one set of statistics from the batch of all processes, where
+    # each process of the reference keeps its own (its loss is outside its model). Here: what a
+    # process with one image of the batch would have ended with.
+    loss, per_image = model.box_reg_loss, []
+    for i in range(len(seen["labels"])):
+        alone = SelfAdjustingSmoothL1Loss(
+            beta_max=loss.beta_max, momentum=loss.momentum, min_beta=loss.min_beta
+        ).train()
+        alone(*(x[i : i + 1].detach() for x in seen["box_reg_args"]))
+        per_image.append(alone.beta)
+    _note(
+        "statistics per process",
+        f"beta after the step {[round(v, 5) for v in model.box_reg_loss.beta.tolist()]} from "
+        "both images; from one image alone (one image per process, the reference's) "
+        + ", ".join(str([round(v, 5) for v in b.tolist()]) for b in per_image),
+    )
 
     # Not checks: where the mask RoIs come from, to find the cause of a loss_mask miss.
     for i, (dets, rois) in enumerate(zip(seen["detections"], seen["mask_rois"])):

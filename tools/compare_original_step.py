@@ -233,6 +233,17 @@ def compare(cfg, model, losses, seen, ref) -> bool:
             f"{int(ref_pos.sum())}, {int((r == -1).sum())}); {int((labels != r).sum())} of "
             f"{len(r)} labels differ",
         )
+        if not torch.equal(labels, r):
+            ours_n, ref_n = (
+                torch.bincount(x[p], minlength=num_classes)
+                for x, p in ((labels, pos), (r, ref_pos))
+            )
+            differ = torch.nonzero(ours_n != ref_n).flatten().tolist()
+            _note(
+                "",
+                "positive anchors per class (ours vs reference): "
+                + ", ".join(f"class {c}: {ours_n[c]} vs {ref_n[c]}" for c in differ),
+            )
         both = pos & ref_pos
         deltas = model.box2box_transform.get_deltas(anchors[both], gt_boxes[both])
         diff = (deltas - ours(ref["regression_targets"][i])[both]).abs().max().item()

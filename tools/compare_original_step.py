@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """
 Compare one training step of RetinaMask with the same step of the authors' code, from the same
-weights on the same batch (issue 18, item 3). Three commands, the second in the authors'
-environment (tools/original_reference.py), the others here:
+weights on the same batch (docs/original_training_step.md). Three commands, the second where
+the authors' checkout imports (tools/original_reference.py), the others here:
 
     python3 tools/compare_original_step.py batch step_batch
     python3 tools/original_reference.py --maskrcnn-benchmark /path/to/retinamask train-step \
@@ -12,11 +12,13 @@ environment (tools/original_reference.py), the others here:
         --batch step_batch --original-weights original_R50.pth --reference reference_step_R50.pth
 
 ``batch`` writes two pre-resized images (PNG) and their objects (COCO JSON: boxes, classes and
-polygon masks; a thin bar, a small object, a 16x16 object inside a 56x56 one, objects touching
-the border). ``compare`` converts the authors'-layout weights for the config, runs one step of
-``RetinaMask`` (no augmentation, one process) and prints one line per check: anchor labels,
-regression targets, the three losses, the self-adjusting statistics after the step and every
-parameter's gradient. It exits with status 1 when a check misses its target.
+polygon masks; thin bars, small objects, a 16x16 object inside a 56x56 one, objects touching
+the border). ``compare`` converts the authors'-layout weights for the config (to
+``original_R50_d2.pth`` next to the reference's file; later runs may pass it as MODEL.WEIGHTS,
+with other config options after it), runs one step of ``RetinaMask`` (no augmentation, one
+process) and prints one line per check: anchor labels, regression targets, the three losses,
+the self-adjusting statistics after the step and every parameter's gradient. It exits with
+status 1 when a check misses its target.
 
 The EMA loss normaliser is this package's by design; for the comparison the ``loss_normalizer``
 buffer starts at the reference's number of positive anchors, so that this step divides by that

@@ -27,6 +27,10 @@ def add_retinamask_config(cfg):
     # Sec. 3.1, Table 1: a ground truth's best anchors become positive when their IoU is strictly
     # greater than this. 0.0 (any overlap) was best; 0.5 or more is plain RetinaNet matching.
     _C.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD = 0.0
+    # Sec. 3.1: the ground truth of an anchor promoted as a best match: "max_iou", the one it
+    # overlaps most (the reference's Matcher.set_low_quality_matches_), or "best_matched", the
+    # one it overlaps most among those it is a best match of.
+    _C.MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH = "best_matched"
 
     # Sec. 3.2: box regression loss, "SelfAdjustingSmoothL1Loss" or the fixed "SmoothL1Loss".
     _C.MODEL.RETINAMASK.BOX_REG_LOSS = CN()
@@ -37,6 +41,10 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.11
     # Sec. 3.2, Eq. 2: momentum m of the running mean and variance of |x|.
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.9
+    # What divides loss_cls: "positives", RetinaNet's EMA of the number of positive anchors (as
+    # loss_box_reg), or "positives+images", that plus the number of images, as the reference
+    # (rpn/retinanet_loss.py).
+    _C.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "positives"
     # Weight of loss_box_reg, as ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT (0.25 in the paper's configs).
     _C.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
 

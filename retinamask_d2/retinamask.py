@@ -40,6 +40,7 @@ class RetinaMask(RetinaNet):
         *,
         box_reg_loss: nn.Module,
         box_reg_loss_weight: float = 1.0,
+        loss_cls_normalizer: str = "positives",
         mask_pooler: ROIPooler = None,
         mask_head: nn.Module = None,
         mask_in_features: List[str] = ("p3", "p4", "p5"),
@@ -56,6 +57,9 @@ class RetinaMask(RetinaNet):
             box_reg_loss (nn.Module): called as ``box_reg_loss(pred_deltas, gt_deltas, fg_mask)``
                 with (N, R, 4), (N, R, 4) and (N, R) tensors; returns the summed loss.
             box_reg_loss_weight (float): multiplies ``loss_box_reg`` (and no other loss).
+            loss_cls_normalizer (str): "positives": ``loss_cls`` is divided by the EMA of the
+                number of positive anchors, as ``loss_box_reg``; "positives+images": by that
+                plus the number of images, as the reference.
             mask_pooler, mask_head: an ROIPooler of ``mask_in_features`` and a head of
                 ``ROI_MASK_HEAD_REGISTRY``; both None for a box-only model.
             mask_in_features (list[str]): consecutive levels of ``head_in_features``.
@@ -75,6 +79,12 @@ class RetinaMask(RetinaNet):
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
         self.box_reg_loss_weight = box_reg_loss_weight
+        if loss_cls_normalizer not in ("positives", "positives+images"):
+            raise InputError(
+                f"MODEL.RETINAMASK.LOSS_CLS_NORMALIZER is {loss_cls_normalizer!r}; set it to "
+                "'positives' or 'positives+images' (the reference's)."
+            )
+        self.loss_cls_adds_images = loss_cls_normalizer == "positives+images"
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
         self.mask_in_features = list(mask_in_features)
@@ -100,6 +110,7 @@ class RetinaMask(RetinaNet):
         ret["anchor_matcher"] = build_anchor_matcher(cfg)
         ret["box_reg_loss"] = build_box_reg_loss(cfg)
         ret["box_reg_loss_weight"] = cfg.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT
+        ret["loss_cls_normalizer"] = cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER
         ret["mask_in_features"] = cfg.MODEL.RETINAMASK.MASK_IN_FEATURES
         ret["num_mask_proposals_train"] = cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
@@ -168,8 +179,9 @@ class RetinaMask(RetinaNet):
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
-        :meth:`RetinaNet.losses` with ``self.box_reg_loss`` scaled by ``box_reg_loss_weight``.
-        Ignored anchors are masked out rather than indexed away, and ``num_pos_anchors`` reaches
+        :meth:`RetinaNet.losses` with ``self.box_reg_loss`` scaled by ``box_reg_loss_weight``
+        and, with ``loss_cls_normalizer`` "positives+images", the number of images added to
+        what divides ``loss_cls``. Ignored anchors are masked out rather than indexed away, and ``num_pos_anchors`` reaches
         the event storage one step late, so that no step waits for the device.
         """
         num_images = len(gt_labels)
@@ -199,8 +211,9 @@ class RetinaMask(RetinaNet):
             [self.box2box_transform.get_deltas(anchors, k) for k in gt_boxes]
         )
         loss_box_reg = self.box_reg_loss(cat(pred_anchor_deltas, dim=1), gt_anchor_deltas, pos_mask)
+        cls_normalizer = normalizer + num_images if self.loss_cls_adds_images else normalizer
         return {
-            "loss_cls": loss_cls / normalizer,
+            "loss_cls": loss_cls / cls_normalizer,
             "loss_box_reg": loss_box_reg * self.box_reg_loss_weight / normalizer,
         }
 

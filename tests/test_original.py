@@ -216,6 +216,7 @@ def _run_tool(*args):
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
     )
 
 

@@ -127,6 +127,29 @@ def test_box_reg_loss_weight_scales_only_the_box_loss(small_cfg):
         torch.testing.assert_close(weighted[name], unweighted[name])
 
 
+def test_loss_cls_normalizer_adds_the_images_as_the_reference(small_cfg):
+    assert small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER == "positives+images"
+    batch = _batch(_instances([[10, 10, 60, 50]], [0]), _instances([[70, 20, 150, 30]], [2]))
+    model = build_model(small_cfg)
+    state = copy.deepcopy(model.state_dict())
+    with_images = _train_step(model, batch)
+    normalizer = model.loss_normalizer.item()  # the EMA of #positives this step divided by
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "positives"
+    plain_model = build_model(small_cfg)
+    plain_model.load_state_dict(state)
+    plain = _train_step(plain_model, batch)
+    torch.testing.assert_close(
+        with_images["loss_cls"], plain["loss_cls"] * normalizer / (normalizer + 2)
+    )
+    for name in ("loss_box_reg", "loss_mask"):
+        torch.testing.assert_close(with_images[name], plain[name])
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "images"
+    with pytest.raises(InputError, match="LOSS_CLS_NORMALIZER is 'images'; set it to"):
+        build_model(small_cfg)
+
+
 def test_mask_loss_trains_the_shared_features(small_cfg):
     model = build_model(small_cfg)
     losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
@@ -272,6 +295,7 @@ def _real_image(path):
 
 def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINAMASK.CLIP_BEFORE_NMS = False  # detectron2 clips after NMS
     torch.manual_seed(0)
     retinamask = build_model(small_cfg)
     # A few training steps so that the loss statistics and weights are not at their defaults.
@@ -474,15 +498,18 @@ def _nonempty_in_image(instances):
     return boxes.nonempty()
 
 
-def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg):
+@pytest.mark.parametrize("clip_before_nms", [False, True])
+def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg, clip_before_nms):
     # A 1-pixel-high input: most anchors decode to boxes entirely above or below the image.
+    small_cfg.MODEL.RETINAMASK.CLIP_BEFORE_NMS = clip_before_nms
     model = _confident(build_model(small_cfg))
     batch = [{"image": torch.rand(1, 1, W) * 255, "instances": _instances([], [])}]
     batch[0]["instances"]._image_size = (1, W)
     anchors, logits, deltas = _dense_outputs(model, batch)
     proposals = model._detect_mask_proposals(anchors, logits, deltas, [(1, W)])[0]
-    assert len(proposals) == model.num_mask_proposals_train
-    assert _nonempty_in_image(proposals).all()
+    # Clipped before NMS, the boxes are 1 pixel high and overlap: NMS keeps fewer.
+    assert clip_before_nms or len(proposals) == model.num_mask_proposals_train
+    assert len(proposals) > 0 and _nonempty_in_image(proposals).all()
 
     model.eval()
     images = model.preprocess_image(batch)
@@ -490,5 +517,6 @@ def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg):
     features = [features[f] for f in model.head_in_features]
     with torch.no_grad():
         detections = model.forward_inference(images, features, model.head(features))[0]
-    assert len(detections) == 100  # the top-k is filled with boxes that have an area
+    # Unclipped, the top-k is filled with boxes that have an area.
+    assert len(detections) == 100 or clip_before_nms and len(detections) > 0
     assert _nonempty_in_image(detections).all()

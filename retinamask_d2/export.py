@@ -19,6 +19,7 @@ from detectron2.modeling import build_model
 
 from .checkpoint import AtomicDetectionCheckpointer
 from .config import InputError
+from .conventions import build_test_resize
 
 __all__ = ["export_box_only", "export_graph", "sample_image"]
 
@@ -148,6 +149,7 @@ def _median_time(fn, x, repeats=5):
 def sample_image(cfg, path=""):
     """A test input (3, H, W): ``path``, else the first test image, as the test loader maps it."""
     if path:
-        return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"].float()
+        mapper = DatasetMapper(cfg, is_train=False, augmentations=[build_test_resize(cfg)])
+        return mapper({"file_name": path})["image"].float()
     batch = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))
     return batch[0]["image"].float()

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, cat
+from detectron2.layers import ROIAlign, ShapeSpec, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from .box_reg_loss import DeferredScalars
 from .build import build_anchor_matcher, build_box_reg_loss
 from .config import InputError
+from .conventions import InclusiveBoxROIAlign, ReferencePastedMasks
 
 __all__ = ["RetinaMask"]
 
@@ -45,6 +46,9 @@ class RetinaMask(RetinaNet):
         num_mask_proposals_train: int = 100,
         mask_fg_iou_threshold: float = 0.5,
         num_masks_test: int = 50,
+        clip_before_nms: bool = False,
+        inclusive_mask_boxes: bool = False,
+        mask_paste: str = "detectron2",
         **kwargs,
     ):
         """
@@ -61,6 +65,11 @@ class RetinaMask(RetinaNet):
                 truth is trained on that object's mask; the others are dropped.
             num_masks_test (int): masks are predicted for this many top detections, the rest
                 get all-zero masks; <= 0 means all.
+            clip_before_nms (bool): clip decoded boxes to the image before NMS (the
+                reference's order), at test time and for the training mask proposals.
+            inclusive_mask_boxes (bool): ``mask_pooler`` pools over inclusive boxes
+                (:class:`InclusiveBoxROIAlign`); mask targets are rasterised in them too.
+            mask_paste (str): "detectron2" or "reference" (:class:`ReferencePastedMasks`).
             kwargs: arguments of :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -71,6 +80,14 @@ class RetinaMask(RetinaNet):
         self.mask_in_features = list(mask_in_features)
         self.num_mask_proposals_train = num_mask_proposals_train
         self.num_masks_test = num_masks_test
+        self.clip_before_nms = clip_before_nms
+        self.inclusive_mask_boxes = inclusive_mask_boxes
+        if mask_paste not in ("detectron2", "reference"):
+            raise InputError(
+                f'MODEL.RETINAMASK.MASK_PASTE is {mask_paste!r}; set it to "detectron2" '
+                '(paste_masks_in_image) or "reference" (the authors\' Masker).'
+            )
+        self.mask_paste = mask_paste
         self.mask_proposal_matcher = Matcher([mask_fg_iou_threshold], [0, 1])
         # RetinaNet's EMA of the number of positive anchors, kept on the device (no .item())
         # and checkpointed so that a resumed run continues with the same normalizer.
@@ -87,6 +104,9 @@ class RetinaMask(RetinaNet):
         ret["num_mask_proposals_train"] = cfg.MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN
         ret["mask_fg_iou_threshold"] = cfg.MODEL.RETINAMASK.MASK_FG_IOU_THRESHOLD
         ret["num_masks_test"] = cfg.MODEL.RETINAMASK.NUM_MASKS_TEST
+        ret["clip_before_nms"] = cfg.MODEL.RETINAMASK.CLIP_BEFORE_NMS
+        ret["inclusive_mask_boxes"] = cfg.MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES
+        ret["mask_paste"] = cfg.MODEL.RETINAMASK.MASK_PASTE
         if cfg.MODEL.MASK_ON:
             ret.update(cls._init_mask_branch(cfg, ret["backbone"].output_shape()))
         return ret
@@ -105,6 +125,20 @@ class RetinaMask(RetinaNet):
             canonical_box_size=224,
             canonical_level=4,
         )
+        if cfg.MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES:
+            # The level stays the pooler's choice, from the box as given (the reference's).
+            if not all(type(op) is ROIAlign for op in pooler.level_poolers):
+                raise InputError(
+                    "MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES needs ROI_MASK_HEAD.POOLER_TYPE "
+                    '"ROIAlign" (the reference\'s) or "ROIAlignV2", not '
+                    f"{cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE!r}."
+                )
+            pooler.level_poolers = nn.ModuleList(
+                InclusiveBoxROIAlign(
+                    op.output_size, op.spatial_scale, op.sampling_ratio, op.aligned
+                )
+                for op in pooler.level_poolers
+            )
         # The mask head predicts one mask per detector class; detectron2's mask heads read the
         # class count from ROI_HEADS, so take it from RETINANET instead of asking for it twice.
         mask_cfg = cfg.clone()
@@ -176,8 +210,9 @@ class RetinaMask(RetinaNet):
         """
         The parent's method without the boxes of no area inside the image (no mask, no RoI to
         pool): their scores go to -inf, below ``score_thresh``, so they are dropped before the
-        top-k and NMS. Not Boxes.clip, whose finiteness check waits for the device; a NaN box
-        fails the comparison and is dropped too.
+        top-k and NMS. With ``clip_before_nms``, the kept boxes are clipped to the image. Not
+        Boxes.clip, whose finiteness check waits for the device; a NaN box fails the
+        comparison and is dropped too.
         """
         boxes = self.box2box_transform.apply_deltas(pred_deltas, anchors.tensor)  # (HWA, 4)
         h, w = image_size
@@ -185,9 +220,13 @@ class RetinaMask(RetinaNet):
             boxes[:, 3].clamp(max=h) > boxes[:, 1].clamp(min=0)
         )
         pred_scores = pred_scores.masked_fill(~nonempty[:, None], float("-inf"))
-        return super()._decode_per_level_predictions(
+        pred = super()._decode_per_level_predictions(
             anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
         )
+        if self.clip_before_nms:
+            boxes = pred.pred_boxes.tensor.clamp(min=0)
+            pred.pred_boxes.tensor = torch.min(boxes, boxes.new_tensor([w, h, w, h]))
+        return pred
 
     @torch.no_grad()
     def _detect_mask_proposals(self, anchors, pred_logits, pred_anchor_deltas, image_sizes):
@@ -225,11 +264,15 @@ class RetinaMask(RetinaNet):
         Train the mask head on the detections plus the ground-truth boxes that match a ground
         truth (Sec. 3.4: "the number of mask proposals is (100+Gt)").
         """
-        mask_instances = []
+        mask_instances, pooled_boxes = [], []
         for proposals_i, gt_i in zip(proposals, gt_instances):
             boxes = Boxes.cat([proposals_i.pred_boxes, gt_i.gt_boxes])
             matched_idxs, labels = self.mask_proposal_matcher(pairwise_iou(gt_i.gt_boxes, boxes))
             fg = labels == 1
+            pooled_boxes.append(boxes[fg])
+            if self.inclusive_mask_boxes:
+                # The targets are rasterised in the box the features are pooled over.
+                boxes = Boxes(boxes.tensor - boxes.tensor.new_tensor([0.0, 0.0, 1.0, 1.0]))
             instances = Instances(gt_i.image_size, proposal_boxes=boxes[fg])
             if len(gt_i) > 0:
                 if not gt_i.has("gt_masks"):
@@ -242,7 +285,7 @@ class RetinaMask(RetinaNet):
                 instances.gt_masks = gt_i.gt_masks[matched_idxs[fg]]
             mask_instances.append(instances)
 
-        x = self._pool_mask_features(features, [x.proposal_boxes for x in mask_instances])
+        x = self._pool_mask_features(features, pooled_boxes)
         return self.mask_head(x, mask_instances)
 
     def _pool_mask_features(self, features: List[Tensor], boxes: List[Boxes]) -> Tensor:
@@ -256,7 +299,9 @@ class RetinaMask(RetinaNet):
         reports it. With a mask head, each also has ``pred_masks``, (R, 1, M, M) probabilities,
         predicted for the top ``num_masks_test`` (Sec. 3.5: "we use the top 50 bounding box
         predictions as mask proposals"); the others are all zero, which
-        :func:`retinamask_d2.evaluation.build_coco_evaluator` leaves out of mask AP.
+        :func:`retinamask_d2.evaluation.build_coco_evaluator` leaves out of mask AP. With
+        ``mask_paste`` "reference" they are :class:`ReferencePastedMasks`, which
+        ``detector_postprocess`` pastes as the reference does.
         """
         results = super().forward_inference(images, features, predictions)
         if not self.mask_on:
@@ -265,12 +310,17 @@ class RetinaMask(RetinaNet):
         top = [r[:n] for r in results] if n > 0 else results
         x = self._pool_mask_features(features, [r.pred_boxes for r in top])
         top = self.mask_head(x, top)
-        if n <= 0:
-            return top
-        for r, t in zip(results, top):
-            # Zeros as long as a slice, not a counted length: a traced graph stays dynamic.
-            zeros = torch.zeros_like(r.scores[n:], dtype=t.pred_masks.dtype)[:, None, None, None]
-            r.pred_masks = torch.cat([t.pred_masks, zeros.expand(-1, *t.pred_masks.shape[1:])])
+        if n > 0:
+            for r, t in zip(results, top):
+                # Zeros as long as a slice, not a counted length: a traced graph stays dynamic.
+                zeros = torch.zeros_like(r.scores[n:], dtype=t.pred_masks.dtype)
+                zeros = zeros[:, None, None, None].expand(-1, *t.pred_masks.shape[1:])
+                r.pred_masks = torch.cat([t.pred_masks, zeros])
+        else:
+            results = top
+        if self.mask_paste == "reference":
+            for r in results:
+                r.pred_masks = ReferencePastedMasks(r.pred_masks[:, 0], r.image_size)
         return results
 
 

@@ -29,7 +29,7 @@ def test_defaults_are_the_papers():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_merges(name):
     cfg = load_config(name)
-    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaMask", "OriginalRetinaMask", "RetinaNet")
+    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaMask", "RetinaNet")
     if cfg.MODEL.META_ARCHITECTURE != "RetinaNet":
         # Sec. 3.5 inference settings.
         assert cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.05

@@ -39,6 +39,17 @@ def test_same_detection_in_both_conventions_is_paired_and_meets_targets():
     assert (s["paired"], s["boxes_off"], s["meets_targets"]) == (1, 0, True)
 
 
+def test_in_a_downscaled_input_their_x2_plus_one_input_pixel_is_ours():
+    # The network saw the image at twice its size: one input pixel is half an image pixel.
+    ours = np.array([[10.0, 20.0, 29.5, 39.5]])
+    rows = compare(REF, ours, np.array([0.7]), np.array([2]), pixel=(0.5, 0.5))
+    assert rows[0]["box_diff"] == 0.0
+    # Their COCO box adds its +1 after scaling to the image: (10, 20, 20, 20), ours (10, 20,
+    # 19.5, 19.5).
+    assert rows[0]["coco_box_diff"] == 0.5
+    assert summarize(rows)["meets_targets"] is True
+
+
 def test_other_class_is_not_paired():
     rows = compare(REF, OURS, np.array([0.7]), np.array([3]))
     assert rows == [None]

@@ -18,13 +18,17 @@ x2, y2), "scores", "labels" (1-based) and, with masks, "masks" (COCO RLE of the 
 and "mask_probs" (base64 of their (N, 28, 28) float32 mask probabilities).
 
 Each reference detection, highest score first, is paired with the free detection of ours of the
-same class that overlaps it most (IoU >= 0.5). Their COCO box is (x1, y1, x2 - x1 + 1,
-y2 - y1 + 1), so their x2 + 1 is our x2. Targets: at least 99.5% of the reference detections
-paired, scores within 1e-4, every box coordinate within 0.01 pixels, and at least 99% of the
-reference masks at IoU 0.99 or more with ours. One line per mode says how close it came.
+same class that overlaps it most (IoU >= 0.5). In the network's input their inclusive x2 + 1 is
+our x2; scaled to the image, their x2 + (image width / input width) is ours. Targets: at least
+99.5% of the reference detections paired, scores within 1e-4, every box coordinate within
+0.01 pixels, and at least 99% of the reference masks at IoU 0.99 or more with ours. One line per
+mode says how close it came, and two figures besides: how far the COCO boxes differ (their COCO
+conversion adds its +1 after scaling to the image, detectron2's before), and how many of their
+28x28 masks, pasted with their own boxes by this package, give exactly their pasted mask.
 """
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -84,7 +88,7 @@ def mask_iou(a, b):
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def compare(ref, boxes, scores, classes, masks=None):
+def compare(ref, boxes, scores, classes, masks=None, pixel=(1.0, 1.0)):
     """
     Pair the reference detections ``ref`` (one image, one mode of ref.json) with ours.
 
@@ -92,12 +96,18 @@ def compare(ref, boxes, scores, classes, masks=None):
         boxes (ndarray): (R, 4) our boxes, x1, y1, x2, y2 in image pixels.
         scores, classes (ndarray): (R,) our scores and 0-based classes.
         masks (ndarray or None): (R, H, W) our pasted masks, compared with ``ref["masks"]``.
+        pixel (tuple[float, float]): width and height in image pixels of one pixel of the
+            network's input: there, the reference's inclusive x2, y2 plus one are our x2, y2.
 
     Returns:
         list[dict or None]: per reference detection, None if it has no partner, else its
-        "score_diff", "box_diff" (largest of the four coordinates) and, with masks, "mask_iou".
+        "score_diff", "box_diff" (largest of the four coordinates), "coco_box_diff" (the same
+        for the COCO boxes: theirs (x1, y1, x2 - x1 + 1, y2 - y1 + 1), detectron2's
+        (x1, y1, x2 - x1, y2 - y1)) and, with masks, "mask_iou".
     """
-    ref_boxes = np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4) + [0, 0, 1, 1]
+    ref_boxes = np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4)
+    ref_coco = ref_boxes + [0, 0, 1, 1]
+    ref_boxes = ref_boxes + [0, 0, *pixel]
     iou = pairwise_iou(Boxes(torch.as_tensor(ref_boxes)), Boxes(torch.as_tensor(boxes)))
     iou[torch.as_tensor(ref["labels"]).view(-1, 1) - 1 != torch.as_tensor(classes)] = 0
     rows = [None] * len(ref_boxes)
@@ -109,13 +119,33 @@ def compare(ref, boxes, scores, classes, masks=None):
         rows[i] = {
             "score_diff": abs(ref["scores"][i] - float(scores[j])),
             "box_diff": float(np.abs(ref_boxes[i] - boxes[j]).max()),
+            "coco_box_diff": float(np.abs(ref_coco[i] - boxes[j]).max()),
         }
         if masks is not None:
             rows[i]["mask_iou"] = mask_iou(mask_util.decode(ref["masks"][i]), masks[j])
     return rows
 
 
-def summarize(rows):
+def paste_alone(ref, input_size, height, width):
+    """
+    IoU of each mask pasted from the reference's own 28x28 probabilities and boxes by this
+    package's reference paste (MODEL.RETINAMASK.MASK_PASTE "reference") with the reference's
+    pasted mask: the paste checked apart from the network.
+    """
+    from retinamask_d2.conventions import ReferencePastedMasks
+
+    n = len(ref["scores"])
+    probs = np.frombuffer(base64.b64decode(ref["mask_probs"]), dtype="<f4").reshape(n, -1)
+    side = int(round(probs.shape[1] ** 0.5))
+    pixel = [width / input_size[1], height / input_size[0]]
+    boxes = torch.as_tensor(ref["boxes"], dtype=torch.float32).view(-1, 4)
+    boxes += torch.tensor([0.0, 0.0, *pixel])
+    masks = ReferencePastedMasks(torch.as_tensor(probs.reshape(n, side, side)), input_size)
+    pasted = masks.to_bitmasks(boxes, height, width).tensor.numpy()
+    return [mask_iou(mask_util.decode(rle), m) for rle, m in zip(ref["masks"], pasted)]
+
+
+def summarize(rows, paste_ious=()):
     """The figures of the targets over ``rows``, all images' :func:`compare` rows together."""
     pairs = [r for r in rows if r is not None]
     s = {
@@ -124,6 +154,7 @@ def summarize(rows):
         "max_score_diff": max((p["score_diff"] for p in pairs), default=0.0),
         "max_box_diff": max((p["box_diff"] for p in pairs), default=0.0),
         "boxes_off": sum(p["box_diff"] > BOX_TOL for p in pairs),
+        "max_coco_box_diff": max((p["coco_box_diff"] for p in pairs), default=0.0),
     }
     ok = (
         s["paired"] >= PAIRED_TARGET * s["reference"]
@@ -134,6 +165,9 @@ def summarize(rows):
         s["masks_ok"] = sum(p["mask_iou"] >= MASK_IOU for p in pairs)
         s["mean_mask_iou"] = float(np.mean([p["mask_iou"] for p in pairs]))
         ok = ok and s["masks_ok"] >= MASK_TARGET * s["reference"]
+    if len(paste_ious):
+        s["paste_alone_identical"] = sum(iou == 1.0 for iou in paste_ious)
+        s["paste_alone_min_iou"] = min(paste_ious)
     s["meets_targets"] = ok
     return s
 
@@ -147,7 +181,12 @@ def describe(s):
     if "masks_ok" in s:
         line += f", masks at IoU >= {MASK_IOU}: {s['masks_ok']}/{s['reference']}"
         line += f" ({100 * s['masks_ok'] / n:.2f}%, mean IoU {s['mean_mask_iou']:.4f})"
-    return line + (": meets the targets" if s["meets_targets"] else ": MISSES the targets")
+    line += ": meets the targets" if s["meets_targets"] else ": MISSES the targets"
+    line += f"; COCO boxes differ by up to {s['max_coco_box_diff']:.3f} px"
+    if "paste_alone_identical" in s:
+        line += f"; their 28x28 masks pasted here: {s['paste_alone_identical']}/{s['reference']}"
+        line += f" identical (min IoU {s['paste_alone_min_iou']:.4f})"
+    return line
 
 
 def main(argv=None):
@@ -179,15 +218,20 @@ def main(argv=None):
         for entry in reference:
             image = read_image(os.path.join(args.images, entry["file"]), format=cfg.INPUT.FORMAT)
             ours = predictor(image)["instances"].to("cpu")
-            masks = ours.pred_masks.numpy() if mask_on else None
+            (h, w), (input_h, input_w) = image.shape[:2], entry["input_size"]
             rows = compare(
                 entry[mode], ours.pred_boxes.tensor.numpy(), ours.scores.numpy(),
-                ours.pred_classes.numpy(), masks,
+                ours.pred_classes.numpy(), ours.pred_masks.numpy() if mask_on else None,
+                pixel=(w / input_w, h / input_h),
             )  # fmt: skip
+            paste = paste_alone(entry[mode], entry["input_size"], h, w) if mask_on else []
             resize = predictor.aug.get_transform(image)
             same = entry["input_size"] == [resize.new_h, resize.new_w]
-            images.append({"file": entry["file"], "same_input_size": same, "rows": rows})
-        summary = summarize([r for i in images for r in i["rows"]])
+            images.append({"file": entry["file"], "same_input_size": same, "rows": rows,
+                           "paste_alone": paste})  # fmt: skip
+        summary = summarize(
+            [r for i in images for r in i["rows"]], [p for i in images for p in i["paste_alone"]]
+        )
         print(f"{name} {mode}, {len(images)} images: {describe(summary)}")
         other = [r for i in images if not i["same_input_size"] for r in i["rows"]]
         if other:

@@ -76,7 +76,8 @@ def make_images(directory):
     samples = os.path.dirname(skimage.data.__file__)
     for file, sample, (h, w) in IMAGES:
         image = Image.open(os.path.join(samples, sample)).convert("RGB")
-        crop_w, crop_h = min(image.width, image.height * w // h), min(image.height, image.width * h // w)
+        crop_w = min(image.width, image.height * w // h)
+        crop_h = min(image.height, image.width * h // w)
         left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
         image = image.crop((left, top, left + crop_w, top + crop_h)).resize((w, h), Image.BILINEAR)
         image.save(os.path.join(directory, file))

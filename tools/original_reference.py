@@ -176,11 +176,12 @@ def _randomize(model, g):
     def uniform(shape, low, high):
         return low + (high - low) * torch.rand(shape, generator=g)
 
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     for module in model.modules():
         if isinstance(module, (FrozenBatchNorm2d, torch.nn.GroupNorm)):
             module.weight.copy_(uniform(module.weight.shape, 0.5, 1.0))
             module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-        elif isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and module.bias is not None:
+        elif isinstance(module, convs) and module.bias is not None:
             module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=g))
     head = model.rpn.head
     for conv in [*head.cls_tower, *head.bbox_tower, head.cls_logits, head.bbox_pred]:

@@ -221,31 +221,35 @@ class RetinaMask(RetinaNet):
         self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
     ):
         """
-        The parent's method without the boxes of no area inside the image (no mask, no RoI to
-        pool): their scores go to -inf, below ``score_thresh``, so they are dropped before the
-        top-k and NMS. With ``clip_before_nms``, the kept boxes are clipped to the image. Not
-        Boxes.clip, whose finiteness check waits for the device; a NaN box fails the
+        The parent's method. With ``clip_before_nms``, every box is kept and clipped as the
+        reference clips its inclusive boxes, to [0, w - 1] x [0, h - 1] (rpn/retinanet_infer.py,
+        ``clip_to_image(remove_empty=False)``): a box outside the image becomes one pixel wide
+        at its border. Without it, the boxes of no area inside the image (no mask, no RoI to
+        pool) are dropped: their scores go to -inf, below ``score_thresh``, before the top-k and
+        NMS. Not Boxes.clip, whose finiteness check waits for the device; a NaN box fails the
         comparison and is dropped too.
         """
-        boxes = self.box2box_transform.apply_deltas(pred_deltas, anchors.tensor)  # (HWA, 4)
         h, w = image_size
-        nonempty = (boxes[:, 2].clamp(max=w) > boxes[:, 0].clamp(min=0)) & (
-            boxes[:, 3].clamp(max=h) > boxes[:, 1].clamp(min=0)
-        )
-        pred_scores = pred_scores.masked_fill(~nonempty[:, None], float("-inf"))
+        if not self.clip_before_nms:
+            boxes = self.box2box_transform.apply_deltas(pred_deltas, anchors.tensor)  # (HWA, 4)
+            nonempty = (boxes[:, 2].clamp(max=w) > boxes[:, 0].clamp(min=0)) & (
+                boxes[:, 3].clamp(max=h) > boxes[:, 1].clamp(min=0)
+            )
+            pred_scores = pred_scores.masked_fill(~nonempty[:, None], float("-inf"))
         pred = super()._decode_per_level_predictions(
             anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
         )
         if self.clip_before_nms:
-            # Clamped to w and h as they are: a traced graph keeps the image size an input
-            # (a tensor made from them would be a constant of the traced size).
+            # Inclusive x2 in [0, w - 1] is x2 in [1, w] here. Clamped to w and h as they are:
+            # a traced graph keeps the image size an input (a tensor made from them would be a
+            # constant of the traced size).
             x1, y1, x2, y2 = pred.pred_boxes.tensor.unbind(dim=1)
             pred.pred_boxes.tensor = torch.stack(
                 [
-                    x1.clamp(min=0, max=w),
-                    y1.clamp(min=0, max=h),
-                    x2.clamp(min=0, max=w),
-                    y2.clamp(min=0, max=h),
+                    x1.clamp(min=0, max=w - 1),
+                    y1.clamp(min=0, max=h - 1),
+                    x2.clamp(min=1, max=w),
+                    y2.clamp(min=1, max=h),
                 ],
                 dim=1,
             )

@@ -150,3 +150,19 @@ def test_reference_paste_of_a_box_under_one_pixel_is_empty():
     # Inclusive x2 = 10.5 - 1 < x1: the reference's paste gives no pixel, and no error.
     mask = _pasted([10.0, 10.0, 10.5, 20.0], (32, 32), (32, 32))
     assert mask.shape == (32, 32) and not mask.any()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_box_outside_the_image_is_kept_at_its_border_only_with_clip_before_nms(clip):
+    # The reference clamps its inclusive boxes to the image and keeps them all: a box right of
+    # a 96x128 image becomes the last pixel column, inclusive x1 = x2 = 127.
+    cfg = load_config(SYNTHETIC, "MODEL.RETINAMASK.CLIP_BEFORE_NMS", clip, "MODEL.MASK_ON", False)
+    model = build_model(cfg).eval()
+    anchors = Boxes(torch.tensor([[130.0, -10.0, 150.0, 20.0], [10.0, 10.0, 30.0, 40.0]]))
+    scores = torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.8, 0.0]])
+    pred = model._decode_per_level_predictions(
+        anchors, scores, torch.zeros(2, 4), 0.05, 1000, (96, 128)
+    )
+    inside = [[10.0, 10.0, 30.0, 40.0]]
+    expected = [[127.0, 0.0, 128.0, 20.0]] + inside if clip else inside
+    assert pred.pred_boxes.tensor.tolist() == expected

@@ -6,6 +6,18 @@ environment, from any directory, naming their checkout:
 
     python tools/original_reference.py --maskrcnn-benchmark /path/to/retinamask COMMAND ...
 
+Commands (``COMMAND --help`` for their options):
+
+- ``weights``: random weights for one of their configs (configs/retina/*.yaml), made to behave
+  like trained ones at test time (frozen BatchNorm statistics calibrated on an image, hundreds
+  of detections over their 0.05 threshold on each image of ``--images``, smooth masks), saved
+  as their Checkpointer saves a model; ``tools/convert_original.py`` converts them.
+- ``detect``: what their ``tools/test_net.py`` gives on each image of a directory, box-only and
+  with masks, written to the JSON file that ``tools/compare_original.py`` reads.
+- ``train-step``: one training step of their model on the batch that
+  ``tools/compare_original_step.py batch`` writes, from given or seeded calibrated weights: its
+  anchor labels, losses, loss statistics and gradients, for ``compare_original_step.py compare``.
+
 retinamask_d2 itself never imports maskrcnn_benchmark: this script is the only place that
 does, by the path given. Where the authors' compiled ops were not built (their build needs
 PyTorch 1.0 and CUDA), it supplies them from torchvision, with the authors' conventions: NMS on
@@ -14,7 +26,11 @@ in plain torch; and it fills in the few names that later PyTorch releases remove
 """
 
 import argparse
+import base64
+import contextlib
+import functools
 import importlib
+import json
 import os
 import sys
 import types
@@ -102,6 +118,260 @@ def load_maskrcnn_benchmark(checkout: str) -> types.ModuleType:
     except ImportError:
         _install_compatibility()
     return importlib.import_module("maskrcnn_benchmark")
+
+
+def _their_config(config_file: str, opts=()):
+    """The authors' config from one of their YAML files, on the CPU."""
+    from maskrcnn_benchmark.config import cfg
+
+    cfg = cfg.clone()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def _their_input(cfg, image):
+    """A PIL image as their test loader gives it to the model: an ImageList of one image."""
+    from maskrcnn_benchmark.data.transforms import build_transforms
+    from maskrcnn_benchmark.structures.bounding_box import BoxList
+    from maskrcnn_benchmark.structures.image_list import to_image_list
+
+    no_boxes = BoxList(torch.zeros(0, 4), image.size)  # their Resize also resizes the target
+    tensor, _ = build_transforms(cfg, is_train=False)(image, no_boxes)
+    return to_image_list(tensor, cfg.DATALOADER.SIZE_DIVISIBILITY)
+
+
+def _images(directory):
+    """(file name, RGB PIL image) of each .jpg and .png file in ``directory``, by name."""
+    from PIL import Image
+
+    names = sorted(os.listdir(directory)) if directory else []
+    for name in (n for n in names if n.lower().endswith((".jpg", ".png"))):
+        # As their COCO dataset reads images (torchvision's CocoDetection).
+        yield name, Image.open(os.path.join(directory, name)).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights: random weights for the authors' model that behave like trained ones at test time.
+
+
+def _calibration_image(seed: int):
+    """A 480x640 image of smooth random colours with fine noise, the same for a seed."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 8, generator=g)
+    image = torch.nn.functional.interpolate(coarse, size=(480, 640), mode="bicubic")[0]
+    image = (image + 0.1 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+    return Image.fromarray((255 * image).permute(1, 2, 0).byte().numpy())
+
+
+def _randomize(model, g):
+    """
+    Every parameter that the authors' initialisation leaves at a constant becomes random, so a
+    wrong name or layout in the conversion shows. The head's convolutions keep the scale of their
+    input (He initialisation), and the mask head's smooth its input: each 3x3 convolution is a
+    random channel mix times a blur, the 2x2 up-convolution a random mix repeated on its 2x2
+    output cells.
+    """
+    from maskrcnn_benchmark.layers import FrozenBatchNorm2d
+
+    def uniform(shape, low, high):
+        return low + (high - low) * torch.rand(shape, generator=g)
+
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    for module in model.modules():
+        if isinstance(module, (FrozenBatchNorm2d, torch.nn.GroupNorm)):
+            module.weight.copy_(uniform(module.weight.shape, 0.5, 1.0))
+            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+        elif isinstance(module, convs) and module.bias is not None:
+            module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=g))
+    head = model.rpn.head
+    for conv in [*head.cls_tower, *head.bbox_tower, head.cls_logits, head.bbox_pred]:
+        if isinstance(conv, torch.nn.Conv2d):
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+    if model.mask is not None:
+        blur = torch.tensor([1.0, 2.0, 1.0])
+        blur = (blur[:, None] * blur[None, :]) / 16
+        extractor, predictor = model.mask.feature_extractor, model.mask.predictor
+        for name in extractor.blocks:
+            conv = getattr(extractor, name)
+            mix = torch.randn(conv.weight.shape[:2], generator=g) * (2 / conv.in_channels) ** 0.5
+            conv.weight.copy_(mix[:, :, None, None] * blur)
+        up = predictor.conv5_mask
+        mix = torch.randn(up.weight.shape[:2], generator=g) * (2 / up.in_channels) ** 0.5
+        up.weight.copy_(mix[:, :, None, None].expand_as(up.weight))
+        logits = predictor.mask_fcn_logits
+        logits.weight.copy_(torch.randn(logits.weight.shape, generator=g))
+
+
+def _calibrate_backbone(model, image):
+    """
+    On ``image``, in the order the network runs them: each frozen BatchNorm's statistics become
+    the mean and variance of its input, so every normalised activation has unit scale; and each
+    FPN output (P3-P7) is scaled to unit standard deviation, so that the anchors of every level,
+    small and large boxes, compete for the top detections.
+    """
+    from maskrcnn_benchmark.layers import FrozenBatchNorm2d
+
+    def normalize_input(module, inputs):
+        x = inputs[0].transpose(0, 1).flatten(1)
+        module.running_mean.copy_(x.mean(1))
+        module.running_var.copy_(x.var(1) + 1e-5)
+
+    def scale_output(module, inputs, output, std):
+        last = module[-1] if isinstance(module, torch.nn.Sequential) else module  # conv or norm
+        scale = std / output.std()
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+        return output * scale
+
+    fpn = model.backbone.fpn
+    outputs = [getattr(fpn, name) for name in fpn.layer_blocks]
+    outputs += [fpn.top_blocks.p6, fpn.top_blocks.p7]
+    hooks = [m.register_forward_pre_hook(normalize_input)
+             for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]  # fmt: skip
+    for level, module in enumerate(outputs):
+        hooks.append(module.register_forward_hook(functools.partial(scale_output, std=1.1**level)))
+    model.backbone(image.tensors)
+    for hook in hooks:
+        hook.remove()
+
+
+def _calibrate_heads(model, images, calibration, candidates=300, max_logit=6.0):
+    """
+    Scale and shift the class logits so that every image of ``images`` has at least
+    ``candidates`` (anchor, class) pairs over the reference's 0.05 score threshold and none
+    above a logit of ``max_logit`` (a score that cannot round to 1): the scale of every activation
+    follows the contrast of the image, up to 4x over natural photographs. On the image
+    ``calibration``: box deltas with a standard deviation of 0.3, and mask logits with 1.5
+    around 0, so that masks cover about half of their boxes.
+    """
+    head = model.rpn.head
+    head.cls_logits.bias.zero_()
+    head.bbox_pred.bias.zero_()
+    lowest_kth, highest = float("inf"), -float("inf")
+    for batch in images:
+        logits = torch.cat([x.flatten() for x in head(model.backbone(batch.tensors))[0]])
+        lowest_kth = min(lowest_kth, float(logits.topk(candidates).values[-1]))
+        highest = max(highest, float(logits.max()))
+    threshold = float(torch.logit(torch.tensor(0.05)))
+    scale = (max_logit - threshold) / (highest - lowest_kth)
+    head.cls_logits.weight.mul_(scale)
+    head.cls_logits.bias.fill_(threshold - scale * lowest_kth)
+    deltas = head(model.backbone(calibration.tensors))[1]
+    head.bbox_pred.weight.mul_(0.3 / torch.cat([x.flatten() for x in deltas]).std())
+
+    if model.mask is not None:
+        predictor = model.mask.predictor.mask_fcn_logits
+        predictor.bias.zero_()
+        outputs = []
+        hook = model.mask.predictor.register_forward_hook(lambda m, i, o: outputs.append(o))
+        model(calibration)
+        hook.remove()
+        predictor.weight.mul_(1.5 / outputs[0].std())
+        predictor.bias.fill_(-float(outputs[0].median() * 1.5 / outputs[0].std()))
+
+
+def weights(args):
+    """Random weights for the authors' model, saved as their Checkpointer saves them."""
+    from maskrcnn_benchmark.modeling.detector import build_detection_model
+
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    cfg = _their_config(args.config_file, ["MODEL.MASK_ON", True])
+    model = build_detection_model(cfg).eval()
+    calibration = _their_input(cfg, _calibration_image(args.seed))
+    images = [_their_input(cfg, image) for _, image in _images(args.images)] or [calibration]
+    with torch.no_grad():
+        _randomize(model, g)
+        _calibrate_backbone(model, calibration)
+        _calibrate_heads(model, images, calibration)
+    torch.save({"model": model.state_dict()}, args.output)
+    print(f"Wrote random calibrated weights for {args.config_file} to {args.output}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# detect: what their tools/test_net.py gives, per image, in the image's own pixels.
+
+
+@contextlib.contextmanager
+def _cuda_placeholders_on_cpu():
+    """
+    Their post-processor puts the placeholder detection of an image without any on "cuda"
+    (rpn/retinanet_infer.py); without CUDA it stays where the other tensors are.
+    """
+    to = torch.Tensor.to
+
+    def to_unless_cuda(tensor, *args, **kwargs):
+        return tensor if args[:1] == ("cuda",) else to(tensor, *args, **kwargs)
+
+    torch.Tensor.to = to_unless_cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.to = to
+
+
+def _coco_ready(prediction, width, height):
+    """
+    A prediction as their COCO evaluation (engine/inference.py) turns it into results: the
+    BoxList resized to the image, masks pasted by their Masker and encoded as RLE.
+    """
+    import pycocotools.mask as mask_util
+    from maskrcnn_benchmark.modeling.roi_heads.mask_head.inference import Masker
+
+    prediction = prediction.resize((width, height))
+    result = {
+        # x1, y1, x2, y2 with their inclusive x2, y2; their COCO "bbox" is
+        # (x1, y1, x2 - x1 + 1, y2 - y1 + 1).
+        "boxes": prediction.bbox.tolist(),
+        "scores": prediction.get_field("scores").tolist(),
+        "labels": prediction.get_field("labels").tolist(),  # 1..80
+    }
+    if prediction.has_field("mask"):
+        probs = prediction.get_field("mask")  # (N, 1, 28, 28)
+        masks = Masker(threshold=0.5, padding=1)(probs, prediction)
+        rles = [mask_util.encode(np.array(m[0, :, :, None], order="F"))[0] for m in masks]
+        result["masks"] = [dict(rle, counts=rle["counts"].decode()) for rle in rles]
+        # Their 28x28 probabilities, so the paste can be checked apart from the network.
+        result["mask_probs"] = base64.b64encode(probs.numpy().astype("<f4").tobytes()).decode()
+    return result
+
+
+def detect(args):
+    """Their detections on each image of a directory, box-only and with masks, to a JSON file."""
+    from maskrcnn_benchmark.modeling.detector import build_detection_model
+    from maskrcnn_benchmark.utils.checkpoint import DetectronCheckpointer
+
+    cfg = _their_config(args.config_file, ["MODEL.MASK_ON", True])
+    model = build_detection_model(cfg).eval()
+    DetectronCheckpointer(cfg, model).load(args.weights)
+    # With MASK_ON False their RetinaNet returns its RetinaNet module's detections as they are;
+    # with masks, its top NUM_MASKS_TEST of them with a "mask" field.
+    box_only = []
+    model.rpn.register_forward_hook(lambda module, inputs, output: box_only.append(output[0][1]))
+    images = []
+    for file, image in _images(args.images):
+        batch = _their_input(cfg, image)
+        box_only.clear()
+        with torch.no_grad(), _cuda_placeholders_on_cpu():
+            (with_masks,) = model(batch)
+        (h, w), (width, height) = batch.image_sizes[0], image.size
+        images.append({
+            "file": file,
+            "input_size": [int(h), int(w)],
+            "box_only": _coco_ready(box_only[0][0], width, height),
+            "with_masks": _coco_ready(with_masks, width, height),
+        })  # fmt: skip
+        print(f"{file}: {width}x{height} -> {w}x{h}, {len(box_only[0][0])} detections")
+    with open(args.output, "w") as f:
+        json.dump({"config_file": args.config_file, "images": images}, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# train-step: one training step of the authors' model on a given batch.
 
 
 def _index_masks_with_bool():
@@ -294,17 +564,33 @@ def main(argv=None):
     parser.add_argument("--maskrcnn-benchmark", required=True, metavar="DIR",
                         help="the authors' checkout (chengyangfu/retinamask)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    step = commands.add_parser("train-step", help=train_step.__doc__)
-    step.add_argument("--config-file", required=True, help="the authors' configs/retina/*.yaml")
-    step.add_argument("--batch", required=True, metavar="DIR",
-                      help="written by tools/compare_original_step.py batch")  # fmt: skip
-    weights = step.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--weights", metavar="FILE", help="a checkpoint of the authors' model")
-    weights.add_argument("--init-weights", metavar="OUT",
-                         help="write seeded random weights, calibrated on the batch, and use them")  # fmt: skip
-    step.add_argument("--seed", type=int, default=0)
-    step.add_argument("--output", required=True, metavar="FILE", help="what the step gave (.pth)")
-    step.set_defaults(run=train_step)
+
+    p = commands.add_parser("weights", help=weights.__doc__)
+    p.add_argument("--config-file", required=True, help="their configs/retina/*.yaml")
+    p.add_argument("--output", required=True, help="checkpoint to write (.pth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", help="calibrate the class scores on the images of this directory")
+    p.set_defaults(run=weights)
+
+    p = commands.add_parser("detect", help=detect.__doc__)
+    p.add_argument("--config-file", required=True, help="their configs/retina/*.yaml")
+    p.add_argument("--weights", required=True, help="a checkpoint of their model")
+    p.add_argument("--images", required=True, help="directory of .jpg/.png images")
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.set_defaults(run=detect)
+
+    p = commands.add_parser("train-step", help=train_step.__doc__)
+    p.add_argument("--config-file", required=True, help="their configs/retina/*.yaml")
+    p.add_argument("--batch", required=True, metavar="DIR",
+                   help="written by tools/compare_original_step.py batch")  # fmt: skip
+    init = p.add_mutually_exclusive_group(required=True)
+    init.add_argument("--weights", metavar="FILE", help="a checkpoint of their model")
+    init.add_argument("--init-weights", metavar="OUT",
+                      help="write seeded random weights, calibrated on the batch, and use them")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, metavar="FILE", help="what the step gave (.pth)")
+    p.set_defaults(run=train_step)
+
     args = parser.parse_args(argv)
     load_maskrcnn_benchmark(args.maskrcnn_benchmark)
     args.run(args)

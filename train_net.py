@@ -15,11 +15,13 @@ import os
 import weakref
 
 import torch
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from retinamask_d2 import build_test_resize
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.engine import argument_parser, build_config, check_before_launch
 from retinamask_d2.engine import create_ddp_model, one_line_errors
@@ -47,6 +49,12 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # The config's test-time resize (MODEL.RETINAMASK.TEST_RESIZE), as Predictor's.
+        mapper = DatasetMapper(cfg, is_train=False, augmentations=[build_test_resize(cfg)])
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -18,13 +18,12 @@ import time
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 
-from retinamask_d2 import InputError, get_retinamask_cfg
+from retinamask_d2 import InputError, Predictor, build_test_resize, get_retinamask_cfg
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.engine import one_line_errors
-from retinamask_d2.visualization import draw_instances, remove_overlaps, resize_for_test
+from retinamask_d2.visualization import draw_instances, remove_overlaps
 
 logger = logging.getLogger("retinamask_d2.demo")
 
@@ -71,11 +70,14 @@ def list_images(path):
 def main(args):
     cfg = setup_cfg(args)
     images = list_images(args.input)
-    # Weights loaded by this checkpointer rather than DefaultPredictor's: it names a bad file.
-    untrained = cfg.clone()
-    untrained.defrost()
-    untrained.MODEL.WEIGHTS = ""
-    predictor = DefaultPredictor(untrained)
+    # The demo resizes each image itself, once (the reference's resize is not idempotent), and
+    # predicts on the image as the model sees it: pasted masks then take bounded memory.
+    resize = build_test_resize(cfg)
+    # Weights loaded by this checkpointer rather than Predictor's: it names a bad file.
+    unresized = cfg.clone()
+    unresized.defrost()
+    unresized.merge_from_list(["MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", 0])
+    predictor = Predictor(unresized)
     AtomicDetectionCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
@@ -86,8 +88,7 @@ def main(args):
         except Exception as e:
             logger.warning(f"Skipped {path}: not a readable image ({e}).")
             continue
-        # Predicting on the image as the model sees it bounds the memory of pasted masks.
-        image = resize_for_test(image, cfg)
+        image = resize.get_transform(image).apply_image(image)
         start = time.perf_counter()
         instances = predictor(image)["instances"].to("cpu")
         instances = remove_overlaps(instances, args.overlap_threshold)

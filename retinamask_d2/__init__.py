@@ -1,7 +1,8 @@
 """
 RetinaMask (Fu, Shvets, Berg 2019) for detectron2. Importing this package registers its
-meta-architecture, anchor matcher, box regression losses, the backbone, anchor generator and
-test-time box conventions of the authors' released models, and the synthetic_shapes datasets.
+meta-architecture, anchor matcher, box regression losses, the backbone and anchor generator of
+the authors' released models, and the synthetic_shapes datasets. ``Predictor`` is detectron2's
+DefaultPredictor with the config's test-time resize.
 """
 
 from .build import (
@@ -12,13 +13,10 @@ from .build import (
 )
 from .box_reg_loss import SelfAdjustingSmoothL1Loss, SmoothL1Loss
 from .config import InputError, add_retinamask_config, get_retinamask_cfg
+from .conventions import Predictor, build_test_resize
 from .evaluation import TopDetectionsCOCOEvaluator, build_coco_evaluator
 from .matcher import BestMatchMatcher
-from .original import (
-    DetectronAnchorGenerator,
-    OriginalRetinaMask,
-    build_retinamask_resnet_fpn_backbone,
-)
+from .original import DetectronAnchorGenerator, build_retinamask_resnet_fpn_backbone
 from .retinamask import RetinaMask
 
 from . import data as _  # only registration of the synthetic_shapes datasets

@@ -89,7 +89,7 @@ class SmoothL1Loss(nn.Module):
 class SelfAdjustingSmoothL1Loss(nn.Module):
     """
     Self-adjusting smooth L1 loss of RetinaMask (Sec. 3.2, Eq. 2). Per regression coordinate
-    (the variant Sec. 4.1 found best), the mean ``mu_R`` and population variance ``sigma_R^2`` of
+    (the variant Sec. 4.1 found best), the mean ``mu_R`` and variance ``sigma_R^2`` of
     ``|pred - target|`` over each batch's foreground elements are kept with momentum ``m``::
 
         mu_R = m * mu_R + (1 - m) * mu_B,   sigma_R^2 = m * sigma_R^2 + (1 - m) * sigma_B^2
@@ -98,8 +98,11 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
     ``sigma_R^2 = 0`` as in the reference. ``min_beta``, not Eq. 2's 0: the quadratic branch
     divides by beta.
 
-    The statistics are checkpointed buffers, updated in training only, from the whole batch of
-    all processes (every replica uses the same beta); a batch without foreground leaves them.
+    ``sigma_B^2`` is the unbiased variance, as the reference's ``torch.var``, and a batch with
+    fewer than two foreground elements (whose unbiased variance is undefined) leaves the
+    statistics, as the reference skips its NaN update (adjust_smooth_l1_loss.py). They are
+    checkpointed buffers, updated in training only, from the whole batch of all processes
+    (every replica uses the same beta; by design, where the reference keeps one per process).
     Each iteration's starting beta and statistics are logged as
     ``box_reg_{beta,mean,var}/{dx,dy,dw,dh}`` (the paper's Fig. 3, ``tools/plot_beta.py``).
     """
@@ -160,10 +163,11 @@ class SelfAdjustingSmoothL1Loss(nn.Module):
         # Two passes rather than E[x^2] - mu^2, which loses precision for small residuals.
         batch_var = ((x - batch_mean) ** 2 * fg).sum(dim=reduce_dims)
         _all_reduce_sum(batch_var)
-        batch_var = batch_var / count.clamp(min=1)
+        batch_var = batch_var / (count - 1).clamp(min=1)
 
-        # An empty batch carries no information: keep the statistics (no branching on the host).
-        w = (1 - self.momentum) * (count > 0).to(x.dtype)
+        # Fewer than two elements have no unbiased variance: keep the statistics (no branching
+        # on the host).
+        w = (1 - self.momentum) * (count >= 2).to(x.dtype)
         self.running_mean.lerp_(batch_mean, w)
         self.running_var.lerp_(batch_var, w)
 

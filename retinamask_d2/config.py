@@ -27,6 +27,10 @@ def add_retinamask_config(cfg):
     # Sec. 3.1, Table 1: a ground truth's best anchors become positive when their IoU is strictly
     # greater than this. 0.0 (any overlap) was best; 0.5 or more is plain RetinaNet matching.
     _C.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD = 0.0
+    # Sec. 3.1: the ground truth of an anchor promoted as a best match: "max_iou", the one it
+    # overlaps most (the reference's Matcher.set_low_quality_matches_), or "best_matched", the
+    # one it overlaps most among those it is a best match of.
+    _C.MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH = "best_matched"
 
     # Sec. 3.2: box regression loss, "SelfAdjustingSmoothL1Loss" or the fixed "SmoothL1Loss".
     _C.MODEL.RETINAMASK.BOX_REG_LOSS = CN()
@@ -37,6 +41,10 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.BETA = 0.11
     # Sec. 3.2, Eq. 2: momentum m of the running mean and variance of |x|.
     _C.MODEL.RETINAMASK.BOX_REG_LOSS.MOMENTUM = 0.9
+    # What divides loss_cls: "positives", RetinaNet's EMA of the number of positive anchors (as
+    # loss_box_reg), or "positives+images", that plus the number of images, as the reference
+    # (rpn/retinanet_loss.py).
+    _C.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "positives"
     # Weight of loss_box_reg, as ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT (0.25 in the paper's configs).
     _C.MODEL.RETINAMASK.BBOX_REG_LOSS_WEIGHT = 1.0
 
@@ -51,9 +59,25 @@ def add_retinamask_config(cfg):
     # all-zero masks, which the evaluator leaves out of mask AP. <= 0: masks for all.
     _C.MODEL.RETINAMASK.NUM_MASKS_TEST = 50
 
-    # The reference's released models (configs/original/, MODEL.META_ARCHITECTURE
-    # "OriginalRetinaMask"): build_retinamask_resnet_fpn_backbone computes P6 from this feature,
-    # "p5" as the reference does, "res5" as detectron2's RetinaNet does,
+    # Conventions where the reference (the authors' maskrcnn-benchmark code) and detectron2
+    # differ; configs/original/ select the reference's for its released models. Test-time
+    # resize: "detectron2" (ResizeShortestEdge, rounds) or "reference" (Resize.get_size of
+    # maskrcnn_benchmark/data/transforms/transforms.py: floors the long side).
+    _C.MODEL.RETINAMASK.TEST_RESIZE = "detectron2"
+    # Mask paste: "detectron2" (paste_masks_in_image) or "reference" (its Masker: padded mask,
+    # integer inclusive box, PIL bilinear; detectron2's paste_mask_in_image_old).
+    _C.MODEL.RETINAMASK.MASK_PASTE = "detectron2"
+    # Clip decoded boxes to the image before NMS, at test time and when picking the training
+    # mask proposals (the reference's rpn/retinanet_infer.py); detectron2 clips after NMS.
+    _C.MODEL.RETINAMASK.CLIP_BEFORE_NMS = False
+    # Pool mask features over the reference's inclusive boxes (x1, y1, x2 - 1, y2 - 1), the level
+    # of Eq. 3 taken from the box's full area as the reference's LevelMapper does, and rasterise
+    # the training mask targets in the same inclusive boxes.
+    _C.MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES = False
+
+    # The reference's network (Base-RetinaMask.yaml, configs/original/):
+    # build_retinamask_resnet_fpn_backbone computes P6 from this feature, "p5" as the reference
+    # does, "res5" as detectron2's RetinaNet does,
     _C.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE = "p5"
     # and, with MODEL.FPN.NORM set, keeps the FPN convolutions' biases (detectron2 drops them).
     _C.MODEL.RETINAMASK.FPN_CONV_BIAS = True

@@ -1,7 +1,8 @@
 """
 Compatibility with the authors' released RetinaMask models (chengyangfu/retinamask, a
-maskrcnn-benchmark fork): the network parts and test-time box conventions that detectron2 has
-differently, and the converter of their checkpoints. The rest is ``configs/original/*.yaml``.
+maskrcnn-benchmark fork): the network parts that detectron2 has differently, and the converter
+of their checkpoints. Their test-time conventions are in ``conventions.py``, selected by
+``configs/original/*.yaml``.
 """
 
 import math
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_model
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,
     BufferList,
@@ -22,18 +23,15 @@ from detectron2.modeling.anchor_generator import (
 )
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
-from detectron2.structures import Boxes
 
 from .checkpoint import write_atomically
 from .config import InputError
-from .retinamask import RetinaMask
 
 __all__ = [
     "DetectronAnchorGenerator",
     "build_retinamask_resnet_fpn_backbone",
     "NEVER_SAVED",
     "OriginalCheckpointError",
-    "OriginalRetinaMask",
     "convert_original_checkpoint",
     "convert_original_file",
     "load_original_checkpoint",
@@ -100,25 +98,6 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         for conv in backbone.lateral_convs + backbone.output_convs:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
     return backbone
-
-
-@META_ARCH_REGISTRY.register()
-class OriginalRetinaMask(RetinaMask):
-    """
-    :class:`RetinaMask` with the reference's test-time box conventions, for its released models:
-    decoded boxes are clipped to the image before NMS rather than after it, and mask features are
-    pooled over inclusive boxes. Parameters and checkpoints are :class:`RetinaMask`'s.
-    """
-
-    def _pool_mask_features(self, features, boxes):
-        # RoIAlign over the reference's inclusive boxes: (x1, y1, x2 - 1, y2 - 1).
-        boxes = [Boxes(b.tensor - b.tensor.new_tensor([0.0, 0.0, 1.0, 1.0])) for b in boxes]
-        return super()._pool_mask_features(features, boxes)
-
-    def _decode_per_level_predictions(self, *args, **kwargs):
-        pred = super()._decode_per_level_predictions(*args, **kwargs)
-        pred.pred_boxes.clip(pred.image_size)
-        return pred
 
 
 class OriginalCheckpointError(InputError):

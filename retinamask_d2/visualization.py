@@ -5,21 +5,10 @@ inputs and without the clutter of overlapping boxes of different classes.
 
 import numpy as np
 import torch
-from detectron2.data import transforms as T
 from detectron2.layers import nms
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["resize_for_test", "remove_overlaps", "draw_instances"]
-
-
-def resize_for_test(image: np.ndarray, cfg) -> np.ndarray:
-    """
-    ``image`` (H, W, C) resized as DefaultPredictor resizes it for the model
-    (INPUT.MIN_SIZE_TEST, at most INPUT.MAX_SIZE_TEST): predicting on the result gives the
-    same detections, with masks pasted at this size rather than the original's.
-    """
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    return aug.get_transform(image).apply_image(image)
+__all__ = ["remove_overlaps", "draw_instances"]
 
 
 def remove_overlaps(instances, iou_threshold: float):

@@ -20,7 +20,8 @@ from retinamask_d2 import (
 
 def _eq2_reference(batches, beta_max=0.11, momentum=0.9, min_beta=1e-3):
     """
-    Eq. 2 of the paper with plain Python floats, one coordinate at a time. ``batches`` is a list
+    Eq. 2 of the paper with plain Python floats, one coordinate at a time, with the reference's
+    unbiased batch variance and no update from fewer than two elements. ``batches`` is a list
     of lists of per-element rows of |x| (one row of 4 per foreground element).
     Returns the beta used at each step.
     """
@@ -28,11 +29,11 @@ def _eq2_reference(batches, beta_max=0.11, momentum=0.9, min_beta=1e-3):
     var = [0.0] * 4
     betas = []
     for rows in batches:
-        if rows:
+        if len(rows) >= 2:
             for c in range(4):
                 col = [r[c] for r in rows]
                 mu_b = sum(col) / len(col)
-                var_b = sum((v - mu_b) ** 2 for v in col) / len(col)
+                var_b = sum((v - mu_b) ** 2 for v in col) / (len(col) - 1)
                 mean[c] = mean[c] * momentum + mu_b * (1 - momentum)
                 var[c] = var[c] * momentum + var_b * (1 - momentum)
         betas.append([min(beta_max, max(min_beta, m - v)) for m, v in zip(mean, var)])
@@ -49,13 +50,13 @@ def test_first_step_worked_by_hand():
     pred = torch.tensor([[0.02, 0.3, 0.05, 0.5], [0.04, 0.1, 0.05, 0.7]])
     target = torch.zeros_like(pred)
     loss = loss_fn(pred, target, torch.tensor([True, True]))
-    # mu_B = [0.03, 0.2, 0.05, 0.6], sigma_B^2 = [1e-4, 1e-2, 0, 1e-2]
+    # mu_B = [0.03, 0.2, 0.05, 0.6], unbiased sigma_B^2 = [2e-4, 2e-2, 0, 2e-2]
     # mu_R = 0.9 * 0.11 + 0.1 * mu_B = [0.102, 0.119, 0.104, 0.159]
-    # sigma_R^2 = 0.1 * sigma_B^2 = [1e-5, 1e-3, 0, 1e-3]
-    # beta = clamp(mu_R - sigma_R^2, 1e-3, 0.11) = [0.10199, 0.11, 0.104, 0.11]
-    expected_beta = torch.tensor([0.10199, 0.11, 0.104, 0.11])
+    # sigma_R^2 = 0.1 * sigma_B^2 = [2e-5, 2e-3, 0, 2e-3]
+    # beta = clamp(mu_R - sigma_R^2, 1e-3, 0.11) = [0.10198, 0.11, 0.104, 0.11]
+    expected_beta = torch.tensor([0.10198, 0.11, 0.104, 0.11])
     torch.testing.assert_close(loss_fn.running_mean, torch.tensor([0.102, 0.119, 0.104, 0.159]))
-    torch.testing.assert_close(loss_fn.running_var, torch.tensor([1e-5, 1e-3, 0.0, 1e-3]))
+    torch.testing.assert_close(loss_fn.running_var, torch.tensor([2e-5, 2e-3, 0.0, 2e-3]))
     torch.testing.assert_close(loss_fn.beta, expected_beta)
     expected = sum(
         _smooth_l1(pred[i, c].item(), expected_beta[c].item()) for i in range(2) for c in range(4)
@@ -87,7 +88,7 @@ def test_beta_clamped_at_both_ends():
     # Large residuals with a large spread drive mu_R - sigma_R^2 below zero: lower bound.
     pred = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 4.0, 4.0, 4.0]])
     loss_fn(pred, torch.zeros_like(pred), torch.tensor([True, True]))
-    # mu_R = 0.099 + 0.1 * 2 = 0.299, sigma_R^2 = 0.1 * 4 = 0.4: beta = max(1e-3, -0.101)
+    # mu_R = 0.099 + 0.1 * 2 = 0.299, sigma_R^2 = 0.1 * 8 = 0.8: beta = max(1e-3, -0.501)
     torch.testing.assert_close(loss_fn.beta, torch.full((4,), 1e-3))
 
     loss_fn = SelfAdjustingSmoothL1Loss(beta_max=0.11, momentum=0.9).train()
@@ -115,16 +116,29 @@ def test_batch_without_foreground_keeps_statistics_and_gives_zero():
         assert torch.equal(v, state[k]), k
 
 
-def test_single_foreground_element():
+def test_variance_is_unbiased_over_foreground_elements():
+    torch.manual_seed(0)
     loss_fn = SelfAdjustingSmoothL1Loss(beta_max=0.11, momentum=0.9).train()
+    pred, target = torch.rand(2, 3, 4), torch.rand(2, 3, 4)
+    fg = torch.tensor([[True, False, True], [True, True, False]])
+    loss_fn(pred, target, fg)
+    x = (pred - target).abs()[fg]  # (4, 4)
+    torch.testing.assert_close(loss_fn.running_var, 0.1 * torch.var(x, dim=0, unbiased=True))
+    torch.testing.assert_close(loss_fn.running_mean, 0.099 + 0.1 * x.mean(dim=0))
+
+
+def test_single_foreground_element_leaves_statistics():
+    loss_fn = SelfAdjustingSmoothL1Loss(beta_max=0.11, momentum=0.9).train()
+    warm = torch.tensor([[0.02, 0.3, 0.05, 0.5], [0.04, 0.1, 0.05, 0.7]])
+    loss_fn(warm, torch.zeros_like(warm), torch.tensor([True, True]))
+    state = {k: v.clone() for k, v in loss_fn.state_dict().items()}
+
     pred = torch.tensor([[[0.03, -0.2, 0.0, 0.5], [9.0, 9.0, 9.0, 9.0]]])
     fg = torch.tensor([[True, False]])
     loss = loss_fn(pred, torch.zeros_like(pred), fg)
-    # One element: sigma_B^2 = 0 (population variance), mu_B = |x|.
-    torch.testing.assert_close(loss_fn.running_var, torch.zeros(4))
-    torch.testing.assert_close(
-        loss_fn.running_mean, 0.099 + 0.1 * torch.tensor([0.03, 0.2, 0.0, 0.5])
-    )
+    # One element has no unbiased variance: the reference skips its update, and so does this.
+    for k, v in loss_fn.state_dict().items():
+        assert torch.equal(v, state[k]), k
     beta = loss_fn.beta.tolist()
     expected = sum(_smooth_l1(v, b) for v, b in zip([0.03, -0.2, 0.0, 0.5], beta))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(expected, rel=1e-5)

@@ -29,7 +29,7 @@ def test_defaults_are_the_papers():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_merges(name):
     cfg = load_config(name)
-    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaMask", "OriginalRetinaMask", "RetinaNet")
+    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaMask", "RetinaNet")
     if cfg.MODEL.META_ARCHITECTURE != "RetinaNet":
         # Sec. 3.5 inference settings.
         assert cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.05
@@ -114,6 +114,16 @@ def test_configs_follow_the_released_ones():
         # Best matching at 0: the reference's LOW_QUALITY_MATCHES True, LOW_QUALITY_THRESHOLD 0.
         assert cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME == "BestMatchMatcher", name
         assert cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.BEST_MATCH_THRESHOLD == 0.0, name
+        # The reference's training (docs/original_training_step.md).
+        r = cfg.MODEL.RETINAMASK
+        assert (r.ANCHOR_MATCHER.PROMOTED_MATCH, r.LOSS_CLS_NORMALIZER) == (
+            "max_iou",
+            "positives+images",
+        ), name
+        assert r.CLIP_BEFORE_NMS and r.INCLUSIVE_MASK_BOXES, name
+        assert list(cfg.MODEL.PIXEL_MEAN) == [102.9801, 115.9465, 122.7717], name
+        mask_head = cfg.MODEL.ROI_MASK_HEAD
+        assert (mask_head.POOLER_TYPE, mask_head.POOLER_SAMPLING_RATIO) == ("ROIAlign", 2), name
         # The released GN models (MODEL.USE_GN) normalize FPN and the detection head only.
         assert cfg.MODEL.ROI_MASK_HEAD.NORM == "", name
         gn = name.endswith("_GN.yaml")

@@ -5,7 +5,7 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
 
-from retinamask_d2 import BestMatchMatcher, build_anchor_matcher, get_retinamask_cfg
+from retinamask_d2 import BestMatchMatcher, InputError, build_anchor_matcher, get_retinamask_cfg
 
 RETINANET_THRESHOLDS = ([0.4, 0.5], [0, -1, 1])
 
@@ -75,14 +75,37 @@ def test_anchor_positive_for_another_object_is_not_taken():
     assert matches[0].item() == 0
 
 
-def test_promoted_anchor_is_matched_to_the_object_it_is_best_for():
+@pytest.mark.parametrize("promoted_match, expected", [("best_matched", 0), ("max_iou", 1)])
+def test_promoted_anchor_is_matched_as_the_key_says(promoted_match, expected):
     # Anchor 0 overlaps ground truth 1 most (0.37), but it is the best anchor of ground truth 0
     # only; ground truth 1's best anchor is anchor 1 (0.45).
     iou = torch.tensor([[0.35, 0.0], [0.37, 0.45]])
-    matcher = BestMatchMatcher(*RETINANET_THRESHOLDS, best_match_threshold=0.0)
+    matcher = BestMatchMatcher(
+        *RETINANET_THRESHOLDS, best_match_threshold=0.0, promoted_match=promoted_match
+    )
     matches, labels = matcher(iou)
     assert labels.tolist() == [1, 1]
-    assert matches.tolist() == [0, 1]
+    assert matches.tolist() == [expected, 1]
+
+
+def test_small_object_inside_a_large_one():
+    anchors = _retinanet_anchors()
+    large, small = [96.0, 96.0, 152.0, 152.0], [116.0, 116.0, 132.0, 132.0]  # 56 and 16 wide
+    iou = pairwise_iou(Boxes(torch.tensor([large, small])), anchors)
+    small_best = iou[1] == iou[1].max()
+    # Each best anchor of the small object overlaps the large one more, and is below 0.5.
+    assert small_best.sum() >= 1 and torch.all(iou[0, small_best] > iou[1, small_best])
+    assert iou[:, small_best].max() < 0.5
+
+    matcher = BestMatchMatcher(*RETINANET_THRESHOLDS, promoted_match="best_matched")
+    matches, labels = matcher(iou)
+    assert torch.all(labels[small_best] == 1) and torch.all(matches[small_best] == 1)
+
+    # The reference's rule: they go to the large object, and the small one has no positive.
+    matcher = BestMatchMatcher(*RETINANET_THRESHOLDS, promoted_match="max_iou")
+    matches, labels = matcher(iou)
+    assert torch.all(labels[small_best] == 1) and torch.all(matches[small_best] == 0)
+    assert not torch.any((labels == 1) & (matches == 1))
 
 
 def test_threshold_is_strict_and_only_adds_positives():
@@ -123,6 +146,13 @@ def test_built_from_config():
     assert isinstance(matcher, BestMatchMatcher)
     assert matcher.thresholds[1:-1] == [0.3, 0.6]
     assert matcher.best_match_threshold == 0.2
+    assert matcher.promoted_match == "best_matched"
+    cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH = "max_iou"
+    assert build_anchor_matcher(cfg).promoted_match == "max_iou"
+    cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH = "argmax"
+    with pytest.raises(InputError, match="PROMOTED_MATCH is 'argmax'; set it to 'max_iou'"):
+        build_anchor_matcher(cfg)
+    cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH = "max_iou"
     cfg.MODEL.RETINAMASK.ANCHOR_MATCHER.NAME = "BestMatcher"
     registered = "NAME = 'BestMatcher' is not registered; registered names are: BestMatchMatcher"
     with pytest.raises(KeyError, match=registered):

@@ -211,14 +211,12 @@ def test_ddp_prefix_and_legacy_serialization(r50, tmp_path):
 
 
 def _run_tool(*args):
-    # The package of this source tree, whichever one is installed.
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tools", "convert_original.py"), *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
     )
 
 

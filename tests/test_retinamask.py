@@ -127,6 +127,29 @@ def test_box_reg_loss_weight_scales_only_the_box_loss(small_cfg):
         torch.testing.assert_close(weighted[name], unweighted[name])
 
 
+def test_loss_cls_normalizer_adds_the_images_as_the_reference(small_cfg):
+    assert small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER == "positives+images"
+    batch = _batch(_instances([[10, 10, 60, 50]], [0]), _instances([[70, 20, 150, 30]], [2]))
+    model = build_model(small_cfg)
+    state = copy.deepcopy(model.state_dict())
+    with_images = _train_step(model, batch)
+    normalizer = model.loss_normalizer.item()  # the EMA of #positives this step divided by
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "positives"
+    plain_model = build_model(small_cfg)
+    plain_model.load_state_dict(state)
+    plain = _train_step(plain_model, batch)
+    torch.testing.assert_close(
+        with_images["loss_cls"], plain["loss_cls"] * normalizer / (normalizer + 2)
+    )
+    for name in ("loss_box_reg", "loss_mask"):
+        torch.testing.assert_close(with_images[name], plain[name])
+
+    small_cfg.MODEL.RETINAMASK.LOSS_CLS_NORMALIZER = "images"
+    with pytest.raises(InputError, match="LOSS_CLS_NORMALIZER is 'images'; set it to"):
+        build_model(small_cfg)
+
+
 def test_mask_loss_trains_the_shared_features(small_cfg):
     model = build_model(small_cfg)
     losses = _train_step(model, _batch(_instances([[10, 10, 60, 50]], [1])))
@@ -272,6 +295,8 @@ def _real_image(path):
 
 def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
     small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINAMASK.CLIP_BEFORE_NMS = False  # detectron2 clips after NMS
+    torch.manual_seed(0)
     retinamask = build_model(small_cfg)
     # A few training steps so that the loss statistics and weights are not at their defaults.
     batch = _batch(_instances([[10, 10, 60, 50], [70, 20, 150, 30]], [0, 2]))
@@ -305,10 +330,53 @@ def test_box_only_equals_detectron2_retinanet(small_cfg, tmp_path):
 
     image = torch.as_tensor(_real_image(tmp_path / "shapes.png").transpose(2, 0, 1).copy())
     a, b = _inference(box_only, image.float()), _inference(stock, image.float())
-    assert len(a) == 100
+    # None of RetinaNet's top 100 is empty (detector_postprocess would have dropped it).
+    assert len(a) == len(b) == 100
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
     assert torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+@pytest.mark.parametrize("points", [True, False], ids=["no-overlap", "overlapping"])
+def test_box_only_returns_retinanets_detections_then_those_retinanet_lost_to_empty_boxes(
+    small_cfg, points
+):
+    # Boxes of zero area inside the image are dropped before each level's top-k and NMS by
+    # RetinaMask, after NMS and the top 100 by RetinaNet (detector_postprocess). Every box is
+    # moved one anchor width right (dx 10 in units (10, 10, 5, 5)), which takes the boxes of
+    # anchors near the right edge out of the image, and top-k is above the number of anchors.
+    small_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    small_cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 100000
+    small_cfg.MODEL.MASK_ON = False
+    torch.manual_seed(0)
+    box_only = build_model(small_cfg)
+    with torch.no_grad():
+        box_only.head.bbox_pred.bias.view(-1, 4)[:, 0] = 10.0
+        # Shrunk to 1/150 of their anchor, no two boxes overlap: no empty box suppresses
+        # another in NMS. At full size, empty boxes suppress boxes that are inside the image.
+        box_only.head.bbox_pred.bias.view(-1, 4)[:, 2:] = -25.0 if points else 0.0
+    stock_cfg = small_cfg.clone()
+    stock_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    stock = build_model(stock_cfg)
+    stock.load_state_dict(box_only.state_dict(), strict=False)
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(0)) * 255
+    a, b = _inference(box_only, image), _inference(stock, image)
+    assert len(a) == 100 and 0 < len(b) < 100  # some of RetinaNet's top 100 were empty
+
+    ours, theirs = _detections(a), _detections(b)
+    if points:
+        # RetinaNet's detections are RetinaMask's first ones; the extras rank below them.
+        assert ours[: len(theirs)] == theirs
+    else:
+        # RetinaMask keeps boxes that RetinaNet suppressed with an empty box, and those can
+        # suppress some of RetinaNet's detections in turn.
+        assert set(theirs) - set(ours)
+
+
+def _detections(instances):
+    """(box, score, class) of each detection, in order."""
+    boxes = map(tuple, instances.pred_boxes.tensor.tolist())
+    return list(zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist()))
 
 
 def test_loss_statistics_are_in_the_checkpoint(small_cfg):
@@ -430,15 +498,18 @@ def _nonempty_in_image(instances):
     return boxes.nonempty()
 
 
-def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg):
+@pytest.mark.parametrize("clip_before_nms", [False, True])
+def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg, clip_before_nms):
     # A 1-pixel-high input: most anchors decode to boxes entirely above or below the image.
+    small_cfg.MODEL.RETINAMASK.CLIP_BEFORE_NMS = clip_before_nms
     model = _confident(build_model(small_cfg))
     batch = [{"image": torch.rand(1, 1, W) * 255, "instances": _instances([], [])}]
     batch[0]["instances"]._image_size = (1, W)
     anchors, logits, deltas = _dense_outputs(model, batch)
     proposals = model._detect_mask_proposals(anchors, logits, deltas, [(1, W)])[0]
-    assert len(proposals) == model.num_mask_proposals_train
-    assert _nonempty_in_image(proposals).all()
+    # Clipped before NMS, the boxes are 1 pixel high and overlap: NMS keeps fewer.
+    assert clip_before_nms or len(proposals) == model.num_mask_proposals_train
+    assert len(proposals) > 0 and _nonempty_in_image(proposals).all()
 
     model.eval()
     images = model.preprocess_image(batch)
@@ -446,5 +517,6 @@ def test_detections_and_mask_proposals_have_area_inside_the_image(small_cfg):
     features = [features[f] for f in model.head_in_features]
     with torch.no_grad():
         detections = model.forward_inference(images, features, model.head(features))[0]
-    assert len(detections) == 100  # the top-k is filled with boxes that have an area
+    # Unclipped, the top-k is filled with boxes that have an area.
+    assert len(detections) == 100 or clip_before_nms and len(detections) > 0
     assert _nonempty_in_image(detections).all()

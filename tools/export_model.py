@@ -2,16 +2,19 @@
 """
 Export a trained RetinaMask for deployment.
 
-    # A checkpoint and config for detectron2's stock RetinaNet (no retinamask_d2 needed to run it)
+    # A checkpoint and config for detectron2's stock RetinaNet, which plain detectron2 builds;
+    # refused, with nothing written, for configs whose network needs retinamask_d2 (the COCO and
+    # original configs: the reference's backbone and rounded anchors)
     python tools/export_model.py --format box-only --config-file CFG --output DIR MODEL.WEIGHTS W
-    # A traced graph, with masks or (--no-masks) box-only
+    # A traced graph, with masks or (--no-masks) box-only, for any config
     python tools/export_model.py --format torchscript --config-file CFG --output DIR MODEL.WEIGHTS W
     python tools/export_model.py --format onnx --no-masks --config-file CFG --output DIR \\
         MODEL.WEIGHTS W
 
-The graphs take one image tensor (3, H, W), resized as DefaultPredictor does; their outputs,
-listed in DIR/outputs.json, are the detections before scaling to the original image, masks as
-28x28 RoI probabilities. Each graph is checked against the eager model on a sample image.
+The graphs take one image tensor (3, H, W) of any size, resized as DefaultPredictor does; their
+outputs, listed in DIR/outputs.json, are the detections before scaling to the original image,
+masks as 28x28 RoI probabilities. Each graph is checked against the eager model on a sample
+image and on two resized copies of it.
 """
 
 import argparse

@@ -198,12 +198,13 @@ def test_a_missing_detectron2_src_is_one_line(tmp_path, bare_python):
 
 def test_no_network_is_one_line(tmp_path, clone, detectron2_src):
     python = _venv(tmp_path / "venv")
-    with socket.socket() as s:  # a port nothing listens on
+    # A port bound, and held while pip runs, that nothing listens on: connections are refused.
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         index = f"http://127.0.0.1:{s.getsockname()[1]}/simple"
-    env = _env(PYTHON=python, DETECTRON2_SRC=detectron2_src, PIP_CONFIG_FILE=os.devnull,
-               PIP_INDEX_URL=index, PIP_RETRIES="0")  # fmt: skip
-    error = _one_line_error(_run(env, script=str(clone / "scripts" / "setup_env.py")))
+        env = _env(PYTHON=python, DETECTRON2_SRC=detectron2_src, PIP_CONFIG_FILE=os.devnull,
+                   PIP_INDEX_URL=index, PIP_RETRIES="0")  # fmt: skip
+        error = _one_line_error(_run(env, script=str(clone / "scripts" / "setup_env.py")))
     log = clone / "output" / "setup_env.log"
     assert f"installing setuptools could not reach the package index or GitHub (see {log})" in error
     assert index in log.read_text()  # pip's own output, kept

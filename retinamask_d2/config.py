@@ -118,3 +118,13 @@ def _check_config_file(path):
             f"Config file {path!r} is not a YAML mapping of config keys (it holds "
             f"{type(content).__name__}). Pass a config such as configs/retinamask_R50.yaml."
         )
+
+
+def check_choice(key: str, value: str, choices: dict):
+    """
+    Raise an :class:`InputError` naming ``key`` unless ``value`` is one of ``choices``, a dict
+    of each allowed value to what it means.
+    """
+    if value not in choices:
+        options = " or ".join(f"{k!r} ({meaning})" for k, meaning in choices.items())
+        raise InputError(f"{key} is {value!r}; set it to {options}.")

@@ -17,7 +17,7 @@ from detectron2.layers import ROIAlign
 from detectron2.layers.mask_ops import pad_masks, paste_mask_in_image_old, scale_boxes
 from detectron2.structures import BitMasks, Boxes, ROIMasks
 
-from .config import InputError
+from .config import check_choice
 
 __all__ = [
     "InclusiveBoxROIAlign",
@@ -69,15 +69,15 @@ def build_test_resize(cfg) -> T.Augmentation:
     :class:`Predictor` all resize with it.
     """
     kind = cfg.MODEL.RETINAMASK.TEST_RESIZE
+    check_choice(
+        "MODEL.RETINAMASK.TEST_RESIZE",
+        kind,
+        {"detectron2": "ResizeShortestEdge, rounds", "reference": "floors the long side"},
+    )
     size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-    if kind == "detectron2":
-        return T.ResizeShortestEdge([size, size], max_size)
     if kind == "reference":
         return ReferenceResizeShortestEdge(size, max_size)
-    raise InputError(
-        f'MODEL.RETINAMASK.TEST_RESIZE is {kind!r}; set it to "detectron2" (ResizeShortestEdge, '
-        'rounds) or "reference" (the authors\' resize, floors the long side).'
-    )
+    return T.ResizeShortestEdge([size, size], max_size)
 
 
 class Predictor(DefaultPredictor):

@@ -4,7 +4,7 @@ from detectron2.config import configurable
 from detectron2.modeling.matcher import Matcher
 
 from .build import ANCHOR_MATCHER_REGISTRY
-from .config import InputError
+from .config import InputError, check_choice
 
 __all__ = ["BestMatchMatcher"]
 
@@ -46,11 +46,11 @@ class BestMatchMatcher(Matcher):
                 f"{key}.BEST_MATCH_THRESHOLD is {best_match_threshold}; "
                 "set it >= 0 (0.0, the paper's, makes any nonzero overlap a best match)."
             )
-        if promoted_match not in ("max_iou", "best_matched"):
-            raise InputError(
-                f"{key}.PROMOTED_MATCH is {promoted_match!r}; set it to 'max_iou' (the "
-                "reference's) or 'best_matched'."
-            )
+        check_choice(
+            f"{key}.PROMOTED_MATCH",
+            promoted_match,
+            {"max_iou": "the reference's", "best_matched": "the ground truth it is best for"},
+        )
         self.best_match_threshold = best_match_threshold
         self.promoted_match = promoted_match
 

@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 
 from .box_reg_loss import DeferredScalars
 from .build import build_anchor_matcher, build_box_reg_loss
-from .config import InputError
+from .config import InputError, check_choice
 from .conventions import InclusiveBoxROIAlign, ReferencePastedMasks
 
 __all__ = ["RetinaMask"]
@@ -79,11 +79,11 @@ class RetinaMask(RetinaNet):
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
         self.box_reg_loss_weight = box_reg_loss_weight
-        if loss_cls_normalizer not in ("positives", "positives+images"):
-            raise InputError(
-                f"MODEL.RETINAMASK.LOSS_CLS_NORMALIZER is {loss_cls_normalizer!r}; set it to "
-                "'positives' or 'positives+images' (the reference's)."
-            )
+        check_choice(
+            "MODEL.RETINAMASK.LOSS_CLS_NORMALIZER",
+            loss_cls_normalizer,
+            {"positives": "detectron2's", "positives+images": "the reference's"},
+        )
         self.loss_cls_adds_images = loss_cls_normalizer == "positives+images"
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
@@ -92,11 +92,11 @@ class RetinaMask(RetinaNet):
         self.num_masks_test = num_masks_test
         self.clip_before_nms = clip_before_nms
         self.inclusive_mask_boxes = inclusive_mask_boxes
-        if mask_paste not in ("detectron2", "reference"):
-            raise InputError(
-                f'MODEL.RETINAMASK.MASK_PASTE is {mask_paste!r}; set it to "detectron2" '
-                '(paste_masks_in_image) or "reference" (the authors\' Masker).'
-            )
+        check_choice(
+            "MODEL.RETINAMASK.MASK_PASTE",
+            mask_paste,
+            {"detectron2": "paste_masks_in_image", "reference": "the authors' Masker"},
+        )
         self.mask_paste = mask_paste
         self.mask_proposal_matcher = Matcher([mask_fg_iou_threshold], [0, 1])
         # RetinaNet's EMA of the number of positive anchors, kept on the device (no .item())

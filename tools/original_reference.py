@@ -33,6 +33,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import types
 import urllib.parse
 
@@ -209,9 +210,9 @@ def _randomize(model, g):
 def _calibrate_backbone(model, image):
     """
     On ``image``, in the order the network runs them: each frozen BatchNorm's statistics become
-    the mean and variance of its input, so every normalised activation has unit scale; and each
-    FPN output (P3-P7) is scaled to unit standard deviation, so that the anchors of every level,
-    small and large boxes, compete for the top detections.
+    the mean and variance of its input, so every normalised activation has unit scale; and the
+    FPN outputs P3-P7 are scaled to standard deviations 1, 1.1, 1.21, ..., so that the larger
+    anchors of the coarser levels reach the top detections too.
     """
     from maskrcnn_benchmark.layers import FrozenBatchNorm2d
 
@@ -347,7 +348,9 @@ def detect(args):
 
     cfg = _their_config(args.config_file, ["MODEL.MASK_ON", True])
     model = build_detection_model(cfg).eval()
-    DetectronCheckpointer(cfg, model).load(args.weights)
+    with tempfile.TemporaryDirectory() as empty:
+        # Their loader prefers the file named in a last_checkpoint file of save_dir, if any.
+        DetectronCheckpointer(cfg, model, save_dir=empty).load(args.weights)
     # With MASK_ON False their RetinaNet returns its RetinaNet module's detections as they are;
     # with masks, its top NUM_MASKS_TEST of them with a "mask" field.
     box_only = []

@@ -24,7 +24,7 @@ spec.loader.exec_module(setup_env)
 
 
 def _env(**values):
-    """This process's environment without the variables that choose or feed setting up."""
+    """This environment without the variables that choose or feed setting up, pip's included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     for name in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX", "DETECTRON2_SRC"):
         env.pop(name, None)
@@ -84,10 +84,18 @@ def test_an_environment_set_up_from_this_clone_needs_nothing(tmp_path, clone):
     ).stdout.strip()  # fmt: skip
     with open(os.path.join(site_packages, "this_environment.pth"), "w") as f:
         f.write("\n".join(p for p in sys.path if p.endswith("-packages")))
-    subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(clone)],
-        capture_output=True, check=True,
-    )  # fmt: skip
+    install = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "-e",
+        str(clone),
+    ]
+    result = subprocess.run(install, capture_output=True, text=True, env=_env())
+    assert result.returncode == 0, result.stderr
     env = _env(PYTHON=python)
     script = str(clone / "scripts" / "setup_env.py")
     assert _plan(_run(env, "--plan", "test", "export", script=script)) == ["nothing to install"]

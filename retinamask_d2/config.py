@@ -81,6 +81,10 @@ def add_retinamask_config(cfg):
     _C.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE = "p5"
     # and, with MODEL.FPN.NORM set, keeps the FPN convolutions' biases (detectron2 drops them).
     _C.MODEL.RETINAMASK.FPN_CONV_BIAS = True
+    # Its frozen BatchNorm at test time: "detectron2" (the fused F.batch_norm) or "reference"
+    # (x * scale + bias, as the reference's FrozenBatchNorm2d computes it; detectron2 does too when
+    # gradients are needed). The two round differently, ~1e-5 of ResNet-101's last features.
+    _C.MODEL.RETINAMASK.FROZEN_BN = "detectron2"
 
 
 def get_retinamask_cfg(config_file=None, opts=()):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,
@@ -25,13 +25,14 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .checkpoint import write_atomically
-from .config import InputError
+from .config import InputError, check_choice
 
 __all__ = [
     "DetectronAnchorGenerator",
     "build_retinamask_resnet_fpn_backbone",
     "NEVER_SAVED",
     "OriginalCheckpointError",
+    "ReferenceFrozenBatchNorm2d",
     "convert_original_checkpoint",
     "convert_original_file",
     "load_original_checkpoint",
@@ -67,11 +68,22 @@ class DetectronAnchorGenerator(DefaultAnchorGenerator):
 def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     detectron2's RetinaNet ResNet-FPN (outputs P3-P7) with P6 computed from
-    ``MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE`` ("p5" in the reference, "res5" in detectron2) and,
+    ``MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE`` ("p5" in the reference, "res5" in detectron2),
     with ``MODEL.FPN.NORM`` and ``MODEL.RETINAMASK.FPN_CONV_BIAS``, FPN convolutions with a bias
-    as in the reference's GroupNorm FPN (detectron2 drops it).
+    as in the reference's GroupNorm FPN (detectron2 drops it), and with
+    ``MODEL.RETINAMASK.FROZEN_BN`` "reference", the reference's frozen BatchNorm arithmetic.
     """
     bottom_up = build_resnet_backbone(cfg, input_shape)
+    frozen_bn = cfg.MODEL.RETINAMASK.FROZEN_BN
+    check_choice(
+        "MODEL.RETINAMASK.FROZEN_BN",
+        frozen_bn,
+        {"detectron2": "fused F.batch_norm", "reference": "x * scale + bias, as the reference"},
+    )
+    if frozen_bn == "reference":
+        for module in bottom_up.modules():
+            if type(module) is FrozenBatchNorm2d:
+                module.__class__ = ReferenceFrozenBatchNorm2d
     in_features = cfg.MODEL.FPN.IN_FEATURES
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     top_in_feature = cfg.MODEL.RETINAMASK.TOP_BLOCK_IN_FEATURE
@@ -98,6 +110,20 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         for conv in backbone.lateral_convs + backbone.output_convs:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
     return backbone
+
+
+class ReferenceFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """
+    detectron2's :class:`FrozenBatchNorm2d` computing ``x * scale + bias`` at test time too, as
+    the reference's FrozenBatchNorm2d does, where detectron2's calls the fused ``F.batch_norm``.
+    With the statistics the converter folds in, scale and bias are the reference's own, bit for
+    bit, and so is every backbone feature.
+    """
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + bias.view(1, -1, 1, 1).to(x.dtype)
 
 
 class OriginalCheckpointError(InputError):

@@ -1,12 +1,15 @@
 """
 README.md and docs/*.md as written, used the way a reader uses them:
-- every ```python block runs, each in a directory as the quick start leaves it (the configs, the
-  synthetic_shapes validation split, output/synthetic_retinamask/model_final.pth), unless the
-  line right before it is ``<!-- test_readme: skip (reason) -->``;
+- every ```python block runs, alone, in a fresh interpreter, in a directory as the quick start
+  leaves it (the configs, the synthetic_shapes validation split and an untrained
+  output/synthetic_retinamask/model_final.pth), unless the line right before it is
+  ``<!-- test_readme: skip (reason) -->``;
 - every shell command (```bash, ```sh, ```console, bare ``` and indented blocks) names scripts,
-  options of those scripts, configs and config keys that exist;
-- every ```console block of docs/bad_inputs.md prints, as the last line of its last command's
-  stderr, the line written under its commands;
+  options of those scripts (as their --help lists them), configs and config keys that exist;
+- every ```console block of docs/bad_inputs.md, run in such a directory, prints as the last line
+  of its last command's stderr the line written under its commands. Its ``python3`` commands run
+  through tests/script_runner.py (a child forked per command from one process that imported
+  torch and detectron2 once), the others with bash;
 - no placeholder ``@@NAME@@`` is left.
 Nothing here depends on the pages' headings: they only name the tests.
 """
@@ -118,7 +121,7 @@ def _commands(block) -> List[str]:
         if continued:
             commands[-1] = commands[-1][:-1].rstrip() + " " + line.strip()
         elif line.strip() and not line.lstrip().startswith("#"):
-            commands.append(line.strip())
+            commands.append(line.strip().removeprefix("$ "))
         continued = bool(commands) and commands[-1].endswith("\\")
     return commands
 
@@ -221,9 +224,8 @@ def test_skip_markers_give_a_reason_and_precede_a_python_block():
                 f"with a reason: {line!r}"
             )
             following = lines[number] if number < len(lines) else ""
-            assert re.fullmatch(r"\s*```python\s*", following), (
-                f"{page}:{number}: the skip marker must be the line right before a ```python block"
-            )
+            where = f"{page}:{number}: the skip marker must be the line right before"
+            assert re.fullmatch(r"\s*```python\s*", following), f"{where} a ```python block"
 
 
 def test_readme_has_python_to_run_and_commands_to_check():
@@ -309,7 +311,9 @@ def test_shell_commands_name_what_exists(block, runner):
             help_text = _help(runner, script, name)
             for option in (a.split("=")[0] for a in part if a.startswith("--") and a != "--"):
                 if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", help_text):
-                    problems.append(f"{command!r}: {' '.join([script, name or ''])} has no {option}")
+                    problems.append(
+                        f"{command!r}: {' '.join([script, name or ''])} has no {option}"
+                    )
         for key in (a for a in args if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+", a)):
             if not _is_config_key(key):
                 problems.append(f"{command!r}: no config key {key}")
@@ -343,9 +347,9 @@ def _run_command(command, runner, cwd, env):
         assignments, tokens = _env_prefix(_split(command))
         if tokens and re.fullmatch(r"python3?", tokens[0]) and len(tokens) > 1:
             if _python_script(tokens) is not None or tokens[1] == "-c":
-                return runner.run(tokens[1:], cwd=str(cwd), env={**env, **assignments}, timeout=300)
+                return runner.run(tokens[1:], cwd=str(cwd), env={**env, **assignments}, timeout=120)
     return subprocess.run(
-        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
 
 

@@ -1,4 +1,6 @@
+import difflib
 import os
+import re
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -100,9 +102,44 @@ def get_retinamask_cfg(config_file=None, opts=()):
     add_retinamask_config(cfg)
     if config_file:
         _check_config_file(config_file)
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:
+        # yacs names the key in its message: a key that does not exist, or a value of another type.
+        raise InputError(_merge_problem(cfg, str(e.args[0] if e.args else e))) from None
     return cfg
+
+
+def _merge_problem(cfg, message: str) -> str:
+    missing = re.search(r"Non-existent (?:config )?key: (\S+)", message)
+    if missing:
+        key = missing.group(1)
+        close = difflib.get_close_matches(key, _all_keys(cfg), n=1, cutoff=0.8)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return (
+            f"Config key {key} does not exist.{hint} Fix its spelling (the keys are detectron2's "
+            "and MODEL.RETINAMASK's, retinamask_d2/config.py)."
+        )
+    mismatch = re.search(r"\(<class '(\w+)'> vs\. <class '(\w+)'>\) .* config key: (\S+)", message)
+    if mismatch:
+        wanted, given, key = mismatch.groups()
+        return (
+            f"Config key {key} takes a value of type {wanted}, not {given}: write it as its "
+            f"default is written (e.g. 1.0, not 1, for a float; a tuple as \"(1, 2)\")."
+        )
+    if message.startswith("Override list has odd length"):
+        return "Config options must be KEY VALUE pairs; one value is missing: " + message
+    return f"Config: {message}"
+
+
+def _all_keys(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, CN):
+            yield from _all_keys(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
 
 
 def _check_config_file(path):

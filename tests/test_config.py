@@ -37,22 +37,27 @@ def test_every_shipped_config_merges(name):
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 100
 
 
-def test_misspelled_key_names_the_key(tmp_path):
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    # yacs reports a wrong key on the command line with an AssertionError naming it.
-    with pytest.raises(AssertionError, match="Non-existent key: MODEL.RETINAMASK.BOX_REG_LOSS.BTA"):
-        cfg.merge_from_list(["MODEL.RETINAMASK.BOX_REG_LOSS.BTA", "0.2"])
+def test_misspelled_key_names_the_key_and_its_likely_spelling(tmp_path):
+    with pytest.raises(InputError, match=r"MODEL.RETINAMASK.BOX_REG_LOSS.BTA does not exist\. "
+                       r"Did you mean MODEL.RETINAMASK.BOX_REG_LOSS.BETA\?"):  # fmt: skip
+        get_retinamask_cfg(None, ["MODEL.RETINAMASK.BOX_REG_LOSS.BTA", "0.2"])
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         f'_BASE_: "{os.path.join(CONFIG_DIR, "Base-RetinaMask.yaml")}"\n'
         "MODEL:\n  RETINAMASK:\n    NUM_MASK_PROPOSAL_TRAIN: 50\n"
     )
-    cfg = get_cfg()
-    add_retinamask_config(cfg)
-    with pytest.raises(KeyError, match="MODEL.RETINAMASK.NUM_MASK_PROPOSAL_TRAIN"):
-        cfg.merge_from_file(str(bad))
+    with pytest.raises(InputError, match="Did you mean MODEL.RETINAMASK.NUM_MASK_PROPOSALS_TRAIN"):
+        get_retinamask_cfg(str(bad))
+    with pytest.raises(InputError, match=r"FOO does not exist\. Fix its spelling"):
+        get_retinamask_cfg(None, ["FOO", "1"])
+
+
+def test_value_of_another_type_names_the_key_and_the_type():
+    with pytest.raises(InputError, match="SOLVER.BASE_LR takes a value of type float, not int"):
+        get_retinamask_cfg(None, ["SOLVER.BASE_LR", "1"])
+    with pytest.raises(InputError, match="KEY VALUE pairs; one value is missing"):
+        get_retinamask_cfg(None, ["MODEL.DEVICE"])
 
 
 def test_shipped_configs_need_the_retinamask_keys():

@@ -191,7 +191,8 @@ def test_category_ids_outside_the_model_classes(register, tmp_path):
     _, root, coco = write_coco(str(tmp_path), [{"category_id": 3}])
     name, _ = register(coco, root)
     with pytest.raises(
-        InputError, match=r"category id 2 .*outside \[0, 2\).*MODEL\.RETINANET\.NUM_CLASSES"
+        InputError,
+        match=r"category id 3 \(class index 2\), outside \[0, 2\).*MODEL\.RETINANET\.NUM_CLASSES",
     ):
         load_checked_dataset(name, 2)
     assert len(load_checked_dataset(name, 3)) == 2

@@ -136,17 +136,23 @@ def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:
     if not has_file:  # a dataset with its own loader (or dropped annotations): check the dicts
         _raise_if_invalid(dataset_name, source, _invalid_annotations(dicts=dicts))
 
-    thing_classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    metadata = MetadataCatalog.get(dataset_name)
+    thing_classes = metadata.get("thing_classes", None)
+    # detectron2 maps a COCO file's category ids to class indices 0..C-1; name the file's id.
+    file_ids = {v: k for k, v in metadata.get("thing_dataset_id_to_contiguous_id", {}).items()}
     for record in dicts:
         for annotation in record.get("annotations", []):
             category_id = annotation.get("category_id")
             if not isinstance(category_id, int) or not 0 <= category_id < num_classes:
                 known = f"; the dataset has {len(thing_classes)}" if thing_classes else ""
+                which = f"class index {category_id!r}"
+                if category_id in file_ids:
+                    which = f"category id {file_ids[category_id]} ({which})"
                 raise InputError(
                     f"Dataset {dataset_name!r} ({source}): image {record['file_name']} has "
-                    f"category id {category_id!r} (0-based), outside [0, {num_classes}) for a "
-                    f"model of {num_classes} classes{known}. Set MODEL.RETINANET.NUM_CLASSES to "
-                    f"the dataset's, or fix the annotation."
+                    f"{which}, outside [0, {num_classes}) for a model of {num_classes} "
+                    f"classes{known}. Set MODEL.RETINANET.NUM_CLASSES to the dataset's, or fix "
+                    f"the annotation."
                 )
     return dicts
 

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import uuid
 import zipfile
 
@@ -19,7 +20,7 @@ from detectron2.utils.logger import log_first_n
 
 from .config import InputError
 
-__all__ = ["AtomicDetectionCheckpointer", "write_atomically"]
+__all__ = ["AtomicDetectionCheckpointer", "load_error_reason", "write_atomically"]
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -113,13 +114,22 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             if not isinstance(loaded.get("model"), dict):
                 raise TypeError("it holds no model state dict")
         except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else "no details"
             raise InputError(
-                f"Checkpoint {filename!r} is not a readable checkpoint ({type(e).__name__}: "
-                f"{reason}); it is truncated, corrupt or another kind of file. Set MODEL.WEIGHTS "
-                "to a .pth/.pkl checkpoint or a model-zoo name (retinamask://...)."
+                f"Checkpoint {filename!r} is not a readable checkpoint ({load_error_reason(e)}); it "
+                "is truncated, corrupt or another kind of file. Set MODEL.WEIGHTS to a .pth/.pkl "
+                "checkpoint or a model-zoo name (retinamask://...)."
             ) from e
         return loaded
+
+
+def load_error_reason(error: Exception) -> str:
+    """
+    Why torch could not load a file, in one sentence: its message's first (torch follows it with
+    advice to load untrusted files without ``weights_only``).
+    """
+    lines = str(error).strip().splitlines()
+    first = re.split(r"(?<=\.)\s", lines[0])[0] if lines else "no details"
+    return f"{type(error).__name__}: {first}"
 
 
 def write_atomically(path: str, mode: str, write) -> None:

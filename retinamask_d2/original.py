@@ -24,7 +24,7 @@ from detectron2.modeling.anchor_generator import (
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from .checkpoint import write_atomically
+from .checkpoint import load_error_reason, write_atomically
 from .config import InputError, check_choice
 
 __all__ = [
@@ -188,9 +188,8 @@ def load_original_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         raise OriginalCheckpointError(f"{path}: {e.strerror.lower()}.") from None
     except Exception as e:
         raise OriginalCheckpointError(
-            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no details'}); the file is truncated, "
-            "corrupt, or not a checkpoint. Download it again."
+            f"{path}: cannot be read as a torch checkpoint ({load_error_reason(e)}); the file is "
+            "truncated, corrupt, or not a checkpoint. Download it again."
         ) from None
     model = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     items = model.items() if isinstance(model, dict) else ()

@@ -76,9 +76,10 @@ def check_before_launch(cfg, args):
             f"process(es) and must be a positive multiple of {processes}: set it to e.g. "
             f"{processes * max(1, batch // processes)}."
         )
-    names = [*cfg.DATASETS.TEST, *(() if args.eval_only else cfg.DATASETS.TRAIN)]
+    training = () if args.eval_only else tuple(cfg.DATASETS.TRAIN)
+    names = list(dict.fromkeys([*cfg.DATASETS.TEST, *training]))
     prepare_synthetic_datasets(names)
-    check_datasets(names, cfg.MODEL.RETINANET.NUM_CLASSES)
+    check_datasets(names, cfg.MODEL.RETINANET.NUM_CLASSES, training)
 
 
 def create_ddp_model(model):

@@ -198,6 +198,18 @@ def test_category_ids_outside_the_model_classes(register, tmp_path):
     assert len(load_checked_dataset(name, 3)) == 2
 
 
+def test_training_needs_an_image_with_an_object(register, tmp_path):
+    # detectron2's loader drops images without a non-crowd object; none left is an AssertionError.
+    _, root, coco = write_coco(str(tmp_path), [{"iscrowd": 1}])
+    name, _ = register(coco, root)
+    check_datasets([name], 3)  # evaluation alone needs no objects
+    with pytest.raises(InputError, match=r"No image of DATASETS.TRAIN \('checks_test_0',\) has an"):
+        check_datasets([name], 3, training=(name,))
+    _, root, coco = write_coco(str(tmp_path / "with_object"), [{}])
+    other, _ = register(coco, root)
+    check_datasets([name, other], 3, training=(name, other))
+
+
 def test_unregistered_name():
     with pytest.raises(InputError, match="'no_such_dataset' is not registered.*--register-coco"):
         load_checked_dataset("no_such_dataset", 5)

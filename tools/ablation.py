@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from retinamask_d2 import InputError, get_retinamask_cfg  # noqa: E402
+from retinamask_d2.engine import one_line_errors  # noqa: E402
 from retinamask_d2.evaluation import read_metrics_json  # noqa: E402
 
 logger = logging.getLogger("retinamask_d2.ablation")
@@ -237,4 +238,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors():
+        main(parse_args())

@@ -87,10 +87,25 @@ def dataset_num_classes(dataset_name: str) -> int:
     return len(classes)
 
 
-def check_datasets(dataset_names: Iterable[str], num_classes: int) -> None:
-    """:func:`load_checked_dataset` on each dataset, before training starts."""
-    for name in dataset_names:
-        load_checked_dataset(name, num_classes)
+def check_datasets(dataset_names: Iterable[str], num_classes: int, training=()) -> None:
+    """
+    :func:`load_checked_dataset` on each dataset, before training starts; and for those of them
+    named in ``training``, that some image has an object to train on (detectron2's loader leaves
+    out the images without one, and stops with an AssertionError when none is left).
+    """
+    dicts = {name: load_checked_dataset(name, num_classes) for name in dataset_names}
+    objects = (
+        annotation
+        for name in training
+        for record in dicts[name]
+        for annotation in record.get("annotations", [])
+        if not annotation.get("iscrowd", 0)
+    )
+    if training and next(objects, None) is None:
+        raise InputError(
+            f"No image of DATASETS.TRAIN {tuple(training)} has an object to train on (no "
+            "annotations, or only crowd regions). Add the objects' annotations to its file."
+        )
 
 
 def load_checked_dataset(dataset_name: str, num_classes: int) -> List[Dict]:

@@ -87,7 +87,9 @@ def dataset_num_classes(dataset_name: str) -> int:
     return len(classes)
 
 
-def check_datasets(dataset_names: Iterable[str], num_classes: int, training=()) -> None:
+def check_datasets(
+    dataset_names: Iterable[str], num_classes: int, training: Iterable[str] = ()
+) -> None:
     """
     :func:`load_checked_dataset` on each dataset, before training starts; and for those of them
     named in ``training``, that some image has an object to train on (detectron2's loader leaves

@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 from retinamask_d2 import build_test_resize
 from retinamask_d2.checkpoint import AtomicDetectionCheckpointer
 from retinamask_d2.engine import argument_parser, build_config, check_before_launch
-from retinamask_d2.engine import create_ddp_model, one_line_errors
+from retinamask_d2.engine import create_ddp_model, leaves_process_group, one_line_errors
 from retinamask_d2.evaluation import build_coco_evaluator
 
 
@@ -96,7 +96,7 @@ if __name__ == "__main__":
     with one_line_errors():
         check_before_launch(build_config(args), args)
         launch(
-            main,
+            leaves_process_group(main),
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,

@@ -1,16 +1,19 @@
 """
 What train_net.py adds to detectron2's entry points: datasets given on the command line, checks
-run before any process starts, DistributedDataParallel on the CPU, and bad input reported as
-one line.
+run before any process starts, DistributedDataParallel on the CPU, processes that leave their
+process group before they exit, and bad input reported as one line.
 """
 
 import contextlib
+import functools
 import sys
 
+import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 from detectron2.config import CfgNode
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
 
 from .config import InputError, get_retinamask_cfg
 from .data import check_datasets, dataset_num_classes, drop_invalid_annotations
@@ -21,6 +24,7 @@ __all__ = [
     "build_config",
     "check_before_launch",
     "create_ddp_model",
+    "leaves_process_group",
     "one_line_errors",
 ]
 
@@ -91,6 +95,25 @@ def create_ddp_model(model):
     return d2_create_ddp_model(
         model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
     )
+
+
+def leaves_process_group(main_func):
+    """
+    ``main_func`` for detectron2's ``launch``, which then, once ``main_func`` returns, waits for
+    the other processes and destroys the process group. A process that leaves its gloo group to
+    the interpreter's exit aborts now and then ("terminate called without an active exception",
+    SIGABRT), and ``launch`` reports a run that finished as failed.
+    """
+    # A partial of a module-level function, so that spawned processes can unpickle it.
+    return functools.partial(_run_and_leave_process_group, main_func)
+
+
+def _run_and_leave_process_group(main_func, *args):
+    result = main_func(*args)
+    if dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
 
 
 @contextlib.contextmanager

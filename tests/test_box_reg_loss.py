@@ -16,6 +16,7 @@ from retinamask_d2 import (
     get_retinamask_cfg,
     build_box_reg_loss,
 )
+from retinamask_d2.engine import leaves_process_group
 
 
 def _eq2_reference(batches, beta_max=0.11, momentum=0.9, min_beta=1e-3):
@@ -258,7 +259,7 @@ def test_statistics_are_averaged_across_processes(dist_url):
 
     with tempfile.TemporaryDirectory() as out_dir:
         launch(
-            _distributed_worker,
+            leaves_process_group(_distributed_worker),
             num_gpus_per_machine=2,
             dist_url=dist_url,
             args=(out_dir, batches),

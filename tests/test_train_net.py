@@ -288,6 +288,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
     from detectron2.utils import comm
 
     import train_net
+    from retinamask_d2.engine import leaves_process_group
 
 
     def worker(args):
@@ -313,7 +314,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
 
     if __name__ == "__main__":
         args = train_net.argument_parser().parse_args()
-        launch(worker, args.num_gpus, dist_url=args.dist_url, args=(args,))
+        launch(leaves_process_group(worker), args.num_gpus, dist_url=args.dist_url, args=(args,))
     """)
 
 

@@ -96,7 +96,8 @@ def get_retinamask_cfg(config_file=None, opts=()):
     ``KEY VALUE`` pairs of ``opts``. The result is not frozen.
 
     Raises:
-        InputError: ``config_file`` is missing or is not a YAML mapping.
+        InputError: ``config_file`` is missing or is not a YAML mapping, a key does not exist or
+            has a value of another type, or a key of :data:`CHOICES` has another value.
     """
     cfg = get_cfg()
     add_retinamask_config(cfg)
@@ -109,6 +110,7 @@ def get_retinamask_cfg(config_file=None, opts=()):
     except (KeyError, AssertionError, ValueError) as e:
         # yacs names the key in its message: a key that does not exist, or a value of another type.
         raise InputError(_merge_problem(cfg, str(e.args[0] if e.args else e))) from None
+    _check_values(cfg)
     return cfg
 
 
@@ -161,11 +163,56 @@ def _check_config_file(path):
         )
 
 
-def check_choice(key: str, value: str, choices: dict):
-    """
-    Raise an :class:`InputError` naming ``key`` unless ``value`` is one of ``choices``, a dict
-    of each allowed value to what it means.
-    """
-    if value not in choices:
-        options = " or ".join(f"{k!r} ({meaning})" for k, meaning in choices.items())
+# The keys that take one of a few values: each value, and what it means.
+CHOICES = {
+    "MODEL.RETINAMASK.ANCHOR_MATCHER.PROMOTED_MATCH": {
+        "max_iou": "the reference's",
+        "best_matched": "the ground truth it is best for",
+    },
+    "MODEL.RETINAMASK.LOSS_CLS_NORMALIZER": {
+        "positives": "detectron2's",
+        "positives+images": "the reference's",
+    },
+    "MODEL.RETINAMASK.TEST_RESIZE": {
+        "detectron2": "ResizeShortestEdge, rounds",
+        "reference": "floors the long side",
+    },
+    "MODEL.RETINAMASK.MASK_PASTE": {
+        "detectron2": "paste_masks_in_image",
+        "reference": "the authors' Masker",
+    },
+    "MODEL.RETINAMASK.FROZEN_BN": {
+        "detectron2": "fused F.batch_norm",
+        "reference": "x * scale + bias, as the reference",
+    },
+}
+
+
+def check_choice(key: str, value: str):
+    """Raise an :class:`InputError` naming ``key`` unless ``value`` is one of ``CHOICES[key]``."""
+    if value not in CHOICES[key]:
+        options = " or ".join(f"{k!r} ({meaning})" for k, meaning in CHOICES[key].items())
         raise InputError(f"{key} is {value!r}; set it to {options}.")
+
+
+_RETINAMASK_BACKBONE = "build_retinamask_resnet_fpn_backbone"
+
+
+def _check_values(cfg):
+    # Checked as the config is built, so that a run stops before it writes or trains anything;
+    # the classes that use these keys check them again, for configs changed afterwards.
+    for key in CHOICES:
+        check_choice(key, _value(cfg, key))
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if cfg.MODEL.RETINAMASK.FROZEN_BN != "detectron2" and backbone != _RETINAMASK_BACKBONE:
+        raise InputError(
+            f"MODEL.RETINAMASK.FROZEN_BN {cfg.MODEL.RETINAMASK.FROZEN_BN!r} is applied by "
+            f"{_RETINAMASK_BACKBONE}, not by MODEL.BACKBONE.NAME {backbone!r}. Set "
+            f"MODEL.BACKBONE.NAME to {_RETINAMASK_BACKBONE!r}, or FROZEN_BN to 'detectron2'."
+        )
+
+
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg

@@ -69,11 +69,7 @@ def build_test_resize(cfg) -> T.Augmentation:
     :class:`Predictor` all resize with it.
     """
     kind = cfg.MODEL.RETINAMASK.TEST_RESIZE
-    check_choice(
-        "MODEL.RETINAMASK.TEST_RESIZE",
-        kind,
-        {"detectron2": "ResizeShortestEdge, rounds", "reference": "floors the long side"},
-    )
+    check_choice("MODEL.RETINAMASK.TEST_RESIZE", kind)
     size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     if kind == "reference":
         return ReferenceResizeShortestEdge(size, max_size)

@@ -46,11 +46,7 @@ class BestMatchMatcher(Matcher):
                 f"{key}.BEST_MATCH_THRESHOLD is {best_match_threshold}; "
                 "set it >= 0 (0.0, the paper's, makes any nonzero overlap a best match)."
             )
-        check_choice(
-            f"{key}.PROMOTED_MATCH",
-            promoted_match,
-            {"max_iou": "the reference's", "best_matched": "the ground truth it is best for"},
-        )
+        check_choice(f"{key}.PROMOTED_MATCH", promoted_match)
         self.best_match_threshold = best_match_threshold
         self.promoted_match = promoted_match
 

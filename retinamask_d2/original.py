@@ -75,11 +75,7 @@ def build_retinamask_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     bottom_up = build_resnet_backbone(cfg, input_shape)
     frozen_bn = cfg.MODEL.RETINAMASK.FROZEN_BN
-    check_choice(
-        "MODEL.RETINAMASK.FROZEN_BN",
-        frozen_bn,
-        {"detectron2": "fused F.batch_norm", "reference": "x * scale + bias, as the reference"},
-    )
+    check_choice("MODEL.RETINAMASK.FROZEN_BN", frozen_bn)
     if frozen_bn == "reference":
         for module in bottom_up.modules():
             if type(module) is FrozenBatchNorm2d:

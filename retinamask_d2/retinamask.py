@@ -79,11 +79,7 @@ class RetinaMask(RetinaNet):
         super().__init__(**kwargs)
         self.box_reg_loss = box_reg_loss
         self.box_reg_loss_weight = box_reg_loss_weight
-        check_choice(
-            "MODEL.RETINAMASK.LOSS_CLS_NORMALIZER",
-            loss_cls_normalizer,
-            {"positives": "detectron2's", "positives+images": "the reference's"},
-        )
+        check_choice("MODEL.RETINAMASK.LOSS_CLS_NORMALIZER", loss_cls_normalizer)
         self.loss_cls_adds_images = loss_cls_normalizer == "positives+images"
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
@@ -92,11 +88,7 @@ class RetinaMask(RetinaNet):
         self.num_masks_test = num_masks_test
         self.clip_before_nms = clip_before_nms
         self.inclusive_mask_boxes = inclusive_mask_boxes
-        check_choice(
-            "MODEL.RETINAMASK.MASK_PASTE",
-            mask_paste,
-            {"detectron2": "paste_masks_in_image", "reference": "the authors' Masker"},
-        )
+        check_choice("MODEL.RETINAMASK.MASK_PASTE", mask_paste)
         self.mask_paste = mask_paste
         self.mask_proposal_matcher = Matcher([mask_fg_iou_threshold], [0, 1])
         # RetinaNet's EMA of the number of positive anchors, kept on the device (no .item())

@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 
 from conftest import CONFIG_DIR, load_config
 from retinamask_d2 import InputError, add_retinamask_config, get_retinamask_cfg
+from retinamask_d2.config import CHOICES
 
 SHIPPED = sorted(
     os.path.relpath(p, CONFIG_DIR)
@@ -51,6 +52,24 @@ def test_misspelled_key_names_the_key_and_its_likely_spelling(tmp_path):
         get_retinamask_cfg(str(bad))
     with pytest.raises(InputError, match=r"FOO does not exist\. Fix its spelling"):
         get_retinamask_cfg(None, ["FOO", "1"])
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_value_out_of_a_keys_choices_is_named_as_the_config_is_built(key):
+    config = os.path.join(CONFIG_DIR, "retinamask_R50.yaml")
+    with pytest.raises(InputError, match=f"{key} is 'authors'; set it to ") as error:
+        get_retinamask_cfg(config, [key, "authors"])
+    for value in CHOICES[key]:
+        assert repr(value) in str(error.value)
+        get_retinamask_cfg(config, [key, value])  # each value it names is taken
+
+
+def test_reference_frozen_bn_needs_the_backbone_that_applies_it():
+    with pytest.raises(InputError, match="FROZEN_BN 'reference' is applied by build_retinamask_"):
+        get_retinamask_cfg(
+            os.path.join(CONFIG_DIR, "synthetic", "retinamask_synthetic.yaml"),
+            ["MODEL.RETINAMASK.FROZEN_BN", "reference"],
+        )
 
 
 def test_value_of_another_type_names_the_key_and_the_type():

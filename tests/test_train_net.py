@@ -542,6 +542,7 @@ def _error_line(result):
         "batch 0",
         "batch not divisible",
         "plain text config",
+        "test resize",
         "text weights",
         "empty mask levels",
         "empty mask levels, two processes",
@@ -557,6 +558,10 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, dist_url, tm
             ["--num-gpus", 2], ["SOLVER.IMS_PER_BATCH", 3], CONFIG, "multiple of 2: set it to e.g. 2"
         ),
         "plain text config": ([], [], str(text), "not a YAML mapping"),
+        # Used only when the model is evaluated, after training: checked before it starts.
+        "test resize": (
+            [], ["MODEL.RETINAMASK.TEST_RESIZE", "authors"], CONFIG, "TEST_RESIZE is 'authors'"
+        ),
         "text weights": (["--eval-only"], ["MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
         "empty mask levels": (
             [], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"
@@ -573,6 +578,9 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, dist_url, tm
     lines = _error_line(result)
     assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
+    # The config and the batch are checked before anything is written.
+    if case in ("batch 0", "batch not divisible", "plain text config", "test resize"):
+        assert not os.path.exists(tmp_path / "out")
 
 
 def _two_class_subset(datasets_root, tmp_path):

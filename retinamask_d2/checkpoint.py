@@ -20,7 +20,12 @@ from detectron2.utils.logger import log_first_n
 
 from .config import InputError
 
-__all__ = ["AtomicDetectionCheckpointer", "load_error_reason", "write_atomically"]
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "check_weights_exist",
+    "load_error_reason",
+    "write_atomically",
+]
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -96,14 +101,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         return newest
 
     def load(self, path: str, *args, **kwargs):
-        # fvcore asserts that a missing file exists; name it and the fix instead. Only local
-        # paths are checked here: other prefixes fail in their own PathHandler.
-        local = path.split("?")[0] if path else ""
-        if local and "://" not in local and not os.path.isfile(local):
-            raise InputError(
-                f"Checkpoint {local!r}: no such file. Set MODEL.WEIGHTS to an existing .pth/.pkl "
-                "checkpoint, a model-zoo name (retinamask://...) or '' for random weights."
-            )
+        check_weights_exist(path)
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str):
@@ -120,6 +118,19 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 "checkpoint or a model-zoo name (retinamask://...)."
             ) from e
         return loaded
+
+
+def check_weights_exist(path: str) -> None:
+    """
+    Raise an :class:`InputError` if ``path``, a value of MODEL.WEIGHTS, is a local file that
+    does not exist (fvcore only asserts it). Other prefixes fail in their own PathHandler.
+    """
+    local = path.split("?")[0] if path else ""
+    if local and "://" not in local and not os.path.isfile(local):
+        raise InputError(
+            f"Checkpoint {local!r}: no such file. Set MODEL.WEIGHTS to an existing .pth/.pkl "
+            "checkpoint, a model-zoo name (retinamask://...) or '' for random weights."
+        )
 
 
 def load_error_reason(error: Exception) -> str:

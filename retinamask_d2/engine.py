@@ -15,6 +15,7 @@ from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
+from .checkpoint import check_weights_exist
 from .config import InputError, get_retinamask_cfg
 from .data import check_datasets, dataset_num_classes, drop_invalid_annotations
 from .data import prepare_synthetic_datasets, register_coco_datasets
@@ -70,8 +71,9 @@ def _config_sets(config_file, opts, key: str) -> bool:
 
 def check_before_launch(cfg, args):
     """
-    In the launching process: stop on a batch that the processes cannot share, and generate
-    and check the datasets of the run, so that workers only read them.
+    In the launching process: stop on a batch that the processes cannot share or on
+    MODEL.WEIGHTS naming no file, and generate and check the datasets of the run, so that
+    workers only read them.
     """
     processes, batch = args.num_gpus * args.num_machines, cfg.SOLVER.IMS_PER_BATCH
     if batch <= 0 or batch % processes:
@@ -80,6 +82,8 @@ def check_before_launch(cfg, args):
             f"process(es) and must be a positive multiple of {processes}: set it to e.g. "
             f"{processes * max(1, batch // processes)}."
         )
+    if not args.resume:  # a resumed run may load its last checkpoint instead
+        check_weights_exist(cfg.MODEL.WEIGHTS)
     training = () if args.eval_only else tuple(cfg.DATASETS.TRAIN)
     names = list(dict.fromkeys([*cfg.DATASETS.TEST, *training]))
     prepare_synthetic_datasets(names)

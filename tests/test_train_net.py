@@ -543,6 +543,7 @@ def _error_line(result):
         "batch not divisible",
         "plain text config",
         "test resize",
+        "missing weights",
         "text weights",
         "empty mask levels",
         "empty mask levels, two processes",
@@ -562,6 +563,9 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, dist_url, tm
         "test resize": (
             [], ["MODEL.RETINAMASK.TEST_RESIZE", "authors"], CONFIG, "TEST_RESIZE is 'authors'"
         ),
+        "missing weights": (
+            ["--num-gpus", 2], ["MODEL.WEIGHTS", tmp_path / "none.pth"], CONFIG, "none.pth.: no such"
+        ),
         "text weights": (["--eval-only"], ["MODEL.WEIGHTS", text], CONFIG, "notes.txt"),
         "empty mask levels": (
             [], ["MODEL.RETINAMASK.MASK_IN_FEATURES", "[]"], CONFIG, "MASK_IN_FEATURES"
@@ -578,8 +582,9 @@ def test_bad_input_is_one_line_before_training(case, datasets_root, dist_url, tm
     lines = _error_line(result)
     assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr[-3000:]
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")
-    # The config and the batch are checked before anything is written.
-    if case in ("batch 0", "batch not divisible", "plain text config", "test resize"):
+    # The config, the batch and the weights' file are checked before anything is written.
+    if case in ("batch 0", "batch not divisible", "plain text config", "test resize",
+                "missing weights"):  # fmt: skip
         assert not os.path.exists(tmp_path / "out")
 
 

@@ -211,8 +211,13 @@ def test_training_needs_an_image_with_an_object(register, tmp_path):
 
 
 def test_unregistered_name():
-    with pytest.raises(InputError, match="'no_such_dataset' is not registered.*--register-coco"):
+    with pytest.raises(InputError, match="'no_such_dataset' is not registered. Register it with"):
         load_checked_dataset("no_such_dataset", 5)
+    # A misspelling of a registered name is named with it, not with every registered name.
+    close = r"'coco_2017_vall' is not registered\. Did you mean 'coco_2017_val'\?"
+    with pytest.raises(InputError, match=close) as error:
+        load_checked_dataset("coco_2017_vall", 5)
+    assert "coco_2014_train" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ COCO instances files as datasets, and the checks run on every dataset before tra
 fails at once, naming the file and the fix, not in a data-loader worker or the final evaluation.
 """
 
+import difflib
 import functools
 import json
 import logging
@@ -319,11 +320,14 @@ def _listed(items: List[str], separator: str) -> str:
 
 def _json_file(dataset_name: str) -> Optional[str]:
     """The annotation file of a registered dataset (before a drop), or None; InputError if none."""
-    if dataset_name not in DatasetCatalog.list():
+    registered = DatasetCatalog.list()
+    if dataset_name not in registered:
+        close = difflib.get_close_matches(dataset_name, registered, n=1, cutoff=0.8)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise InputError(
-            f"Dataset {dataset_name!r} is not registered (registered: "
-            f"{', '.join(sorted(DatasetCatalog.list()))}). Register it with --register-coco NAME "
-            f"JSON IMAGE_DIR, or import retinamask_d2.data for the synthetic_shapes datasets."
+            f"Dataset {dataset_name!r} is not registered.{hint} Register it with --register-coco "
+            f"NAME JSON IMAGE_DIR, or import retinamask_d2.data for the synthetic_shapes "
+            f"datasets; DatasetCatalog.list() gives the {len(registered)} registered names."
         )
     metadata = MetadataCatalog.get(dataset_name)
     return metadata.get(_UNFILTERED_JSON_KEY, None) or metadata.get("json_file", None)

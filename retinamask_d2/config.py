@@ -76,6 +76,10 @@ def add_retinamask_config(cfg):
     # of Eq. 3 taken from the box's full area as the reference's LevelMapper does, and rasterise
     # the training mask targets in the same inclusive boxes.
     _C.MODEL.RETINAMASK.INCLUSIVE_MASK_BOXES = False
+    # The boxes the COCO evaluator writes: "detectron2" (x1, y1, x2 - x1, y2 - y1 of the box
+    # scaled to the image) or "reference" (its inclusive box scaled to the image, then the +1 of
+    # inclusive widths and heights: prepare_for_coco_detection in engine/inference.py).
+    _C.MODEL.RETINAMASK.COCO_BOXES = "detectron2"
 
     # The reference's network (Base-RetinaMask.yaml, configs/original/):
     # build_retinamask_resnet_fpn_backbone computes P6 from this feature, "p5" as the reference
@@ -180,6 +184,10 @@ CHOICES = {
     "MODEL.RETINAMASK.MASK_PASTE": {
         "detectron2": "paste_masks_in_image",
         "reference": "the authors' Masker",
+    },
+    "MODEL.RETINAMASK.COCO_BOXES": {
+        "detectron2": "x2 - x1 of the box in the image",
+        "reference": "its inclusive box in the image, plus one",
     },
     "MODEL.RETINAMASK.FROZEN_BN": {
         "detectron2": "fused F.batch_norm",

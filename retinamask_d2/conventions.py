@@ -1,8 +1,9 @@
 """
 Test-time and RoI conventions that detectron2 and the authors' code (maskrcnn-benchmark) have
 differently, each chosen by a key of ``MODEL.RETINAMASK``: the test-time resize
-(``TEST_RESIZE``), the paste of the 28x28 masks into the image (``MASK_PASTE``) and the boxes
-the mask head pools from and is trained on (``INCLUSIVE_MASK_BOXES``). Everything is built from
+(``TEST_RESIZE``), the paste of the 28x28 masks into the image (``MASK_PASTE``), the boxes
+the mask head pools from and is trained on (``INCLUSIVE_MASK_BOXES``) and the boxes of the COCO
+results (``COCO_BOXES``). Everything is built from
 detectron2's own pieces; the reference's values reproduce its released models exactly.
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "ReferencePastedMasks",
     "ReferenceResizeShortestEdge",
     "build_test_resize",
+    "reference_coco_boxes",
 ]
 
 
@@ -123,6 +125,18 @@ class ReferencePastedMasks(ROIMasks):
             for m, b, skip in zip(masks, boxes, inverted)
         ]
         return BitMasks(torch.stack(pasted) if pasted else empty[None, :0])
+
+
+def reference_coco_boxes(boxes: torch.Tensor, image_size, input_size) -> torch.Tensor:
+    """
+    (R, 4) boxes in an image of ``image_size`` (h, w), found in the network's input of
+    ``input_size``, moved so that detectron2's conversion to COCO's (x, y, w, h) gives the
+    reference's. The reference scales its inclusive box (x2 - 1 here, in the input) to the
+    image and adds one to its width and height there; here x2 is scaled with its one, so the
+    reference's width is this width + 1 - (image width / input width).
+    """
+    scale = boxes.new_tensor([image_size[1] / input_size[1], image_size[0] / input_size[0]])
+    return boxes + torch.cat([scale.new_zeros(2), 1 - scale])
 
 
 class InclusiveBoxROIAlign(ROIAlign):

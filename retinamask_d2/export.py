@@ -44,9 +44,14 @@ logger = logging.getLogger(__name__)
 
 # State dict entries of RetinaMask's training only, which detectron2's RetinaNet lacks.
 BOX_ONLY_DROPPED_PREFIXES = ("mask_head.", "box_reg_loss.", "loss_normalizer")
-# MODEL.RETINAMASK keys that change box-only detections (retinamask_d2/conventions.py), with the
-# values that are detectron2's RetinaNet: its test-time resize, boxes clipped after NMS.
-RETINANET_TEST_CONVENTIONS = {"TEST_RESIZE": "detectron2", "CLIP_BEFORE_NMS": False}
+# MODEL.RETINAMASK keys that change box-only detections or their COCO results
+# (retinamask_d2/conventions.py), with the values that are detectron2's RetinaNet: its test-time
+# resize, boxes clipped after NMS, its COCO boxes.
+RETINANET_TEST_CONVENTIONS = {
+    "TEST_RESIZE": "detectron2",
+    "CLIP_BEFORE_NMS": False,
+    "COCO_BOXES": "detectron2",
+}
 
 # (rtol, atol) per output between an exported graph and the eager model, |graph - eager| <=
 # atol + rtol * |eager|: pixels for boxes, probability for scores and masks; pred_classes and

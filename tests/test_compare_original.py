@@ -3,8 +3,10 @@ import os
 
 import numpy as np
 import pycocotools.mask as mask_util
+import torch
 
 from conftest import REPO_ROOT
+from retinamask_d2.conventions import reference_coco_boxes
 
 _spec = importlib.util.spec_from_file_location(
     "compare_original", os.path.join(REPO_ROOT, "tools", "compare_original.py")
@@ -48,6 +50,10 @@ def test_in_a_downscaled_input_their_x2_plus_one_input_pixel_is_ours():
     # 19.5, 19.5).
     assert rows[0]["coco_box_diff"] == 0.5
     assert summarize(rows)["meets_targets"] is True
+    # The evaluator's reference COCO boxes (COCO_BOXES "reference") are theirs.
+    coco = reference_coco_boxes(torch.as_tensor(ours), (100, 100), (200, 200)).numpy()
+    rows = compare(REF, ours, np.array([0.7]), np.array([2]), pixel=(0.5, 0.5), coco_boxes=coco)
+    assert rows[0]["coco_box_diff"] == 0.0
 
 
 def test_other_class_is_not_paired():

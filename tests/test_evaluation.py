@@ -114,3 +114,29 @@ def test_box_ap_counts_every_detection(two_images):
 
     cfg.MODEL.MASK_ON = False
     assert set(_evaluate(build_coco_evaluator(cfg, two_images, None), inputs, outputs)) == {"bbox"}
+
+
+def test_reference_coco_boxes_are_the_inclusive_box_scaled_then_plus_one(two_images, tmp_path):
+    # A box found in a 128x256 input, the 64x64 image scaled by 4 and 2: (40, 20, 120, 40) there
+    # in detectron2's convention, whose inclusive x2, y2 are 119, 39; (10, 10, 30, 20) in the image.
+    inputs, outputs = _outputs()
+    inputs = [dict(inputs[0], image=torch.zeros(3, 2 * H, 4 * W))]
+    instances = outputs[0]["instances"][:1]
+    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10.0, 30.0, 20.0]]))
+    cfg = load_config("original/retinamask_R50.yaml")
+    assert cfg.MODEL.RETINAMASK.COCO_BOXES == "reference"
+    evaluator = build_coco_evaluator(cfg, two_images, str(tmp_path))
+    _evaluate(evaluator, inputs, [{"instances": instances}])
+
+    # The reference scales the inclusive box to the image, (10, 10, 29.75, 19.5), and writes
+    # its width and height plus one (BoxList.resize, then .convert("xywh")).
+    for results in ("coco_instances_results.json", "segm/coco_instances_results.json"):
+        (result,) = json.loads((tmp_path / results).read_text())
+        np.testing.assert_allclose(result["bbox"], [10.0, 10.0, 20.75, 10.5])
+    # The evaluator's boxes only: the output it was given keeps detectron2's.
+    assert instances.pred_boxes.tensor.tolist() == [[10.0, 10.0, 30.0, 20.0]]
+    cfg.MODEL.RETINAMASK.COCO_BOXES = "detectron2"
+    evaluator = build_coco_evaluator(cfg, two_images, str(tmp_path))
+    _evaluate(evaluator, inputs, [{"instances": instances}])
+    (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())
+    np.testing.assert_allclose(result["bbox"], [10.0, 10.0, 20.0, 10.0])

@@ -23,8 +23,9 @@ our x2; scaled to the image, their x2 + (image width / input width) is ours. Tar
 99.5% of the reference detections paired, scores within 1e-4, every box coordinate within
 0.01 pixels, and at least 99% of the reference masks at IoU 0.99 or more with ours. One line per
 mode says how close it came, and two figures besides: how far the COCO boxes differ (their COCO
-conversion adds its +1 after scaling to the image, detectron2's before), and how many of their
-28x28 masks, pasted with their own boxes by this package, give exactly their pasted mask.
+conversion adds its +1 after scaling to the image, detectron2's before; ours are converted as
+the config's MODEL.RETINAMASK.COCO_BOXES says), and how many of their 28x28 masks, pasted with
+their own boxes by this package, give exactly their pasted mask.
 """
 
 import argparse
@@ -42,6 +43,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, pairwise_iou
 
 from retinamask_d2 import Predictor, get_retinamask_cfg
+from retinamask_d2.conventions import reference_coco_boxes
 
 SCORE_TOL, BOX_TOL, MASK_IOU = 1e-4, 0.01, 0.99
 PAIRED_TARGET, MASK_TARGET = 0.995, 0.99
@@ -89,7 +91,7 @@ def mask_iou(a, b):
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def compare(ref, boxes, scores, classes, masks=None, pixel=(1.0, 1.0)):
+def compare(ref, boxes, scores, classes, masks=None, pixel=(1.0, 1.0), coco_boxes=None):
     """
     Pair the reference detections ``ref`` (one image, one mode of ref.json) with ours.
 
@@ -99,13 +101,16 @@ def compare(ref, boxes, scores, classes, masks=None, pixel=(1.0, 1.0)):
         masks (ndarray or None): (R, H, W) our pasted masks, compared with ``ref["masks"]``.
         pixel (tuple[float, float]): width and height in image pixels of one pixel of the
             network's input: there, the reference's inclusive x2, y2 plus one are our x2, y2.
+        coco_boxes (ndarray or None): (R, 4) the x1, y1, x2, y2 of our COCO results, if they
+            are not ``boxes`` (MODEL.RETINAMASK.COCO_BOXES "reference").
 
     Returns:
         list[dict or None]: per reference detection, None if it has no partner, else its
         "score_diff", "box_diff" (largest of the four coordinates), "coco_box_diff" (the same
-        for the COCO boxes: theirs (x1, y1, x2 - x1 + 1, y2 - y1 + 1), detectron2's
-        (x1, y1, x2 - x1, y2 - y1)) and, with masks, "mask_iou".
+        for the COCO boxes: theirs (x1, y1, x2 - x1 + 1, y2 - y1 + 1), ours from
+        ``coco_boxes``) and, with masks, "mask_iou".
     """
+    coco_boxes = boxes if coco_boxes is None else coco_boxes
     ref_boxes = np.asarray(ref["boxes"], dtype=np.float64).reshape(-1, 4)
     ref_coco = ref_boxes + [0, 0, 1, 1]
     ref_boxes = ref_boxes + [0, 0, *pixel]
@@ -120,7 +125,7 @@ def compare(ref, boxes, scores, classes, masks=None, pixel=(1.0, 1.0)):
         rows[i] = {
             "score_diff": abs(ref["scores"][i] - float(scores[j])),
             "box_diff": float(np.abs(ref_boxes[i] - boxes[j]).max()),
-            "coco_box_diff": float(np.abs(ref_coco[i] - boxes[j]).max()),
+            "coco_box_diff": float(np.abs(ref_coco[i] - coco_boxes[j]).max()),
         }
         if masks is not None:
             rows[i]["mask_iou"] = mask_iou(mask_util.decode(ref["masks"][i]), masks[j])
@@ -220,13 +225,18 @@ def main(argv=None):
             image = read_image(os.path.join(args.images, entry["file"]), format=cfg.INPUT.FORMAT)
             ours = predictor(image)["instances"].to("cpu")
             (h, w), (input_h, input_w) = image.shape[:2], entry["input_size"]
+            resize = predictor.aug.get_transform(image)
+            boxes = ours.pred_boxes.tensor
+            if cfg.MODEL.RETINAMASK.COCO_BOXES == "reference":
+                coco_boxes = reference_coco_boxes(boxes, (h, w), (resize.new_h, resize.new_w))
+            else:
+                coco_boxes = boxes
             rows = compare(
-                entry[mode], ours.pred_boxes.tensor.numpy(), ours.scores.numpy(),
-                ours.pred_classes.numpy(), ours.pred_masks.numpy() if mask_on else None,
-                pixel=(w / input_w, h / input_h),
+                entry[mode], boxes.numpy(), ours.scores.numpy(), ours.pred_classes.numpy(),
+                ours.pred_masks.numpy() if mask_on else None, pixel=(w / input_w, h / input_h),
+                coco_boxes=coco_boxes.numpy(),
             )  # fmt: skip
             paste = paste_alone(entry[mode], entry["input_size"], h, w) if mask_on else []
-            resize = predictor.aug.get_transform(image)
             same = entry["input_size"] == [resize.new_h, resize.new_w]
             images.append({"file": entry["file"], "same_input_size": same, "rows": rows,
                            "paste_alone": paste})  # fmt: skip

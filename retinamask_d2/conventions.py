@@ -3,8 +3,8 @@ Test-time and RoI conventions that detectron2 and the authors' code (maskrcnn-be
 differently, each chosen by a key of ``MODEL.RETINAMASK``: the test-time resize
 (``TEST_RESIZE``), the paste of the 28x28 masks into the image (``MASK_PASTE``), the boxes
 the mask head pools from and is trained on (``INCLUSIVE_MASK_BOXES``) and the boxes of the COCO
-results (``COCO_BOXES``). Everything is built from
-detectron2's own pieces; the reference's values reproduce its released models exactly.
+results (``COCO_BOXES``). Everything is built from detectron2's own pieces; the reference's
+values reproduce its released models exactly.
 """
 
 from typing import Tuple
